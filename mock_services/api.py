@@ -1,0 +1,99 @@
+"""Routes that document themselves: each route is declared once, with the OpenAPI 3.1
+operation that describes it, so `/openapi.json` is generated from what is served."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .models import Error
+
+__all__ = ["Api", "query_param", "path_param", "batch_of", "ref"]
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+IDS_PATTERN = r"^[1-9][0-9]*(,[1-9][0-9]*)*$"
+
+
+def ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def batch_of(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["data", "missing"],
+        "properties": {"data": {"type": "array", "items": ref(model)}, "missing": {"type": "array", "items": {"type": "integer"}}},
+    }
+
+
+def query_param(name: str, description: str, schema: dict[str, Any] | None = None, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description, "schema": schema or {"type": "string"}}
+
+
+def path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"}}
+
+
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+class Api:
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.routes: list[Route] = []
+        self.paths: dict[str, dict[str, Any]] = {}
+        self.models: set[type[BaseModel]] = {Error}
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        endpoint: Endpoint,
+        *,
+        summary: str,
+        params: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        body: type[BaseModel] | None = None,
+        ok: tuple[int, type[BaseModel] | dict[str, Any] | None] = (200, None),
+        errors: tuple[int, ...] = (400,),
+        etag: bool = False,
+    ) -> None:
+        self.routes.append(Route(path, endpoint, methods=[method]))
+        status, schema = ok
+        responses: dict[str, Any] = {str(status): {"description": "OK"}}
+        if schema is not None:
+            if isinstance(schema, type):
+                self.models.add(schema)
+                schema = ref(schema)
+            responses[str(status)]["content"] = _content(schema)
+        if etag:
+            responses[str(status)]["headers"] = {"ETag": {"schema": {"type": "string"}, "description": 'W/"<version>"'}}
+            responses["304"] = {"description": "Not modified (If-None-Match matched the version)"}
+        for code in errors:
+            responses[str(code)] = {"description": "Error", "content": _content(ref(Error))}
+        operation: dict[str, Any] = {"summary": summary, "operationId": f"{method.lower()}{path}", "responses": responses}
+        if params:
+            operation["parameters"] = list(params)
+        if body is not None:
+            self.models.add(body)
+            operation["requestBody"] = {"required": True, "content": _content(ref(body))}
+        self.paths.setdefault(path, {})[method.lower()] = operation
+
+    def document(self, version: str) -> dict[str, Any]:
+        _, defs = models_json_schema(
+            [(m, "serialization") for m in sorted(self.models, key=lambda m: m.__name__)],
+            ref_template="#/components/schemas/{model}",
+        )
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": f"BookVault {self.service} service", "version": version},
+            "paths": self.paths,
+            "components": {"schemas": defs.get("$defs", {})},
+        }

@@ -1,0 +1,131 @@
+"""Build one service's ASGI app from its spec: its own database, its routes, the shared
+endpoints (health, meta, feed, OpenAPI) and, with ``admin``, faults and stats."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, Table, insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .admin import AdminMiddleware, AdminState, admin_routes
+from .api import Api, query_param
+from .context import Context
+from .db import Database, now_iso
+from .demo_data import Shop, shop
+from .errors import BadRequest, exception_handlers
+from .models import EventPage, Meta
+from .params import parse_int
+
+__all__ = ["ServiceSpec", "create_app", "database_url"]
+
+VERSION = "0.1.0"
+MAX_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    port: int
+    entities: tuple[str, ...]
+    metadata: MetaData
+    routes: Callable[[Api], None]
+    seed: Callable[[Shop], dict[Table, list[dict[str, Any]]]]
+
+
+def database_url(name: str, data_dir: str | Path) -> str:
+    return f"sqlite+aiosqlite:///{Path(data_dir) / f'{name}.db'}"
+
+
+def _wait_seconds(raw: str | None) -> float:
+    if raw is None:
+        return 0.0
+    if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3})?", raw) or float(raw) > MAX_WAIT_S:
+        raise BadRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}")
+    return float(raw)
+
+
+def _shared_routes(api: Api, spec: ServiceSpec) -> None:
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "service": spec.name})
+
+    async def meta(request: Request) -> JSONResponse:
+        ctx: Context = request.app.state.ctx
+        return JSONResponse({"service": spec.name, "maxBatch": ctx.max_batch, "entities": list(spec.entities)})
+
+    async def events(request: Request) -> JSONResponse:
+        q = request.query_params
+        after = parse_int(q.get("after"), "after", 0, 0, 2**53)
+        limit = parse_int(q.get("limit"), "limit", 100, 1, 1000)
+        wait = _wait_seconds(q.get("wait"))
+        ctx: Context = request.app.state.ctx
+        rows, latest = await ctx.db.events_after(after, limit, wait)
+        return JSONResponse({"events": rows, "next": rows[-1]["seq"] if rows else after, "latest": latest})
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(request.app.state.openapi)
+
+    api.add("GET", "/healthz", healthz, summary="Liveness", errors=())
+    api.add("GET", "/_meta", meta, summary="Service limits", ok=(200, Meta), errors=())
+    api.add("GET", "/events", events, summary="Change feed (long-poll)", ok=(200, EventPage), params=[
+        query_param("after", "Return events with seq greater than this", {"type": "integer", "minimum": 0}),
+        query_param("limit", "At most this many events", {"type": "integer", "minimum": 1, "maximum": 1000}),
+        query_param("wait", "Seconds to wait for a first event", {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S}),
+    ])
+    api.add("GET", "/openapi.json", openapi, summary="This document", errors=())
+
+
+def _seeder(spec: ServiceSpec, scale: int) -> Callable[[AsyncConnection], Awaitable[None]]:
+    async def seed(conn: AsyncConnection) -> None:
+        stamp = now_iso()
+        for table, rows in spec.seed(shop(scale)).items():
+            await conn.execute(insert(table), [{**row, "version": 1, "updated_at": stamp} for row in rows])
+
+    return seed
+
+
+def create_app(
+    spec: ServiceSpec,
+    *,
+    database: str | None = None,
+    data_dir: str | Path = "data",
+    scale: int = 1,
+    admin: bool = False,
+    max_batch: int = 100,
+) -> Starlette:
+    url = database or database_url(spec.name, data_dir)
+    api = Api(spec.name)
+    spec.routes(api)
+    _shared_routes(api, spec)
+    state = AdminState()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if database is None:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+        db = Database(url, spec.metadata)
+        await db.create(_seeder(spec, scale))
+        app.state.ctx = Context(spec.name, db, max_batch)
+        try:
+            yield
+        finally:
+            await db.dispose()
+
+    app = Starlette(
+        routes=api.routes + (admin_routes(state) if admin else []),
+        exception_handlers=exception_handlers,
+        middleware=[Middleware(AdminMiddleware, state=state)] if admin else [],
+        lifespan=lifespan,
+    )
+    app.state.openapi = api.document(VERSION)
+    app.state.admin = state
+    return app

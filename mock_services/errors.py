@@ -1,0 +1,67 @@
+"""The one error body every service answers with: ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+__all__ = ["ApiError", "BadRequest", "Conflict", "NotFound", "exception_handlers"]
+
+
+class ApiError(Exception):
+    status = 500
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "BAD_REQUEST"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "NOT_FOUND"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "CONFLICT"
+
+
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    response = error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "ERROR"), exc.detail)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    # Never a stack trace in a body; ServerErrorMiddleware still logs it.
+    return error_response(500, "INTERNAL", "internal error")
+
+
+exception_handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal}

@@ -1,0 +1,72 @@
+"""Parsing of what clients send: ids, id lists, JSON bodies; and money formatting."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from .errors import BadRequest
+
+__all__ = ["parse_id", "parse_ids", "parse_int", "read_body", "money", "cents"]
+
+_ID = re.compile(r"[1-9][0-9]{0,17}")
+_AMOUNT = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?")
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_id(raw: str, name: str = "id") -> int:
+    if not _ID.fullmatch(raw):
+        raise BadRequest(f"{name} must be a positive integer, got {raw[:40]!r}")
+    return int(raw)
+
+
+def parse_ids(raw: str | None, name: str, max_batch: int) -> list[int]:
+    """Comma-separated positive ids, de-duplicated in first-seen order (DESIGN §2)."""
+    if not raw:
+        raise BadRequest(f"{name} must list at least one id")
+    parts = raw.split(",")
+    if len(parts) > max_batch:
+        raise BadRequest(f"{name} lists {len(parts)} ids; at most {max_batch} are allowed")
+    return list(dict.fromkeys(parse_id(part.strip(), name) for part in parts))
+
+
+def parse_int(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    if raw is None:
+        return default
+    if not re.fullmatch(r"-?[0-9]{1,9}", raw) or not lo <= int(raw) <= hi:
+        raise BadRequest(f"{name} must be an integer from {lo} to {hi}")
+    return int(raw)
+
+
+async def read_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": err["msg"]}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        raise BadRequest(f"invalid body: {message}", details=details) from None
+
+
+def money(amount_cents: int, currency: str) -> dict[str, str]:
+    return {"amount": f"{amount_cents // 100}.{amount_cents % 100:02d}", "currency": currency}
+
+
+def cents(amount: str) -> int:
+    if not _AMOUNT.fullmatch(amount):
+        raise BadRequest(f"amount must be a non-negative decimal string, got {amount[:40]!r}")
+    whole, _, frac = amount.partition(".")
+    return int(whole) * 100 + int(frac.ljust(2, "0") or 0)
