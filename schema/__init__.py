@@ -1,0 +1,34 @@
+"""The BookVault GraphQL schema. `schema.graphql` beside this file is its exported SDL;
+a test fails when the two drift apart (regenerate with `bookvault schema`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import strawberry
+from strawberry.extensions import MaxAliasesLimiter, ParserCache, QueryDepthLimiter, ValidationCache
+
+from gateway.view import MaskInternalErrors
+
+from .query import Query
+
+__all__ = ["schema", "sdl", "SDL_PATH"]
+
+SDL_PATH = Path(__file__).with_name("schema.graphql")
+
+
+schema = strawberry.Schema(
+    query=Query,
+    extensions=[
+        # Parse and validation results are cached: a repeated query is not re-parsed.
+        lambda: ParserCache(maxsize=512),
+        lambda: ValidationCache(maxsize=512),
+        lambda: QueryDepthLimiter(max_depth=12),
+        lambda: MaxAliasesLimiter(max_alias_count=50),
+        MaskInternalErrors,
+    ],
+)
+
+
+def sdl() -> str:
+    return schema.as_str() + "\n"

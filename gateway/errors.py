@@ -1,0 +1,64 @@
+"""The gateway's errors: one small hierarchy. Transport errors are translated into these
+once, in `upstream`; resolvers never see httpx types.
+
+graphql-core copies an exception's ``extensions`` onto the GraphQL error it locates at
+the field's path, so raising one of these in a resolver yields
+``{"message", "path", "extensions": {"code", "service"}}`` (DESIGN §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "GatewayError",
+    "BadUserInput",
+    "NotFound",
+    "UpstreamError",
+    "UpstreamUnavailable",
+    "UpstreamTimeout",
+    "UpstreamBadResponse",
+]
+
+
+class GatewayError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, service: str | None = None) -> None:
+        super().__init__(message)
+        self.service = service
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        ext: dict[str, Any] = {"code": self.code}
+        if self.service:
+            ext["service"] = self.service
+        return ext
+
+
+class BadUserInput(GatewayError):
+    code = "BAD_USER_INPUT"
+
+
+class NotFound(GatewayError):
+    code = "NOT_FOUND"
+
+
+class UpstreamError(GatewayError):
+    """A service could not give a usable answer."""
+
+    service: str
+
+    def __init__(self, message: str, *, service: str) -> None:
+        super().__init__(message, service=service)
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "UPSTREAM_UNAVAILABLE"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "UPSTREAM_TIMEOUT"
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "UPSTREAM_BAD_RESPONSE"
