@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         from schema import sdl
 
-        print(sdl())
+        print(sdl(), end="")
         return 0
     return 2
 

@@ -82,7 +82,11 @@ class GatewayGraphQL(GraphQL[RequestContext, None]):
             await super().__call__(scope, receive, send)
             return
         request = Request(scope, receive)
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         try:
+            if request.method == "POST" and content_type != JSON:
+                # GraphQL over HTTP §"POST": the body is application/json; else 415.
+                raise HTTPException(415, "POST bodies must be application/json")
             response = await self.run(request)
         except HTTPException as exc:
             # A JSON error the client can parse, instead of strawberry's plain text.

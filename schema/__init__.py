@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import strawberry
+from graphql import GraphQLError
+from strawberry.types import ExecutionContext
 from strawberry.extensions import MaxAliasesLimiter, ParserCache, QueryDepthLimiter, ValidationCache
 
 from gateway.view import MaskInternalErrors
@@ -17,7 +19,14 @@ __all__ = ["schema", "sdl", "SDL_PATH"]
 SDL_PATH = Path(__file__).with_name("schema.graphql")
 
 
-schema = strawberry.Schema(
+class _Schema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        # strawberry logs every error with its traceback; client and upstream errors are
+        # expected, and internal ones are logged where they are masked.
+        return None
+
+
+schema = _Schema(
     query=Query,
     extensions=[
         # Parse and validation results are cached: a repeated query is not re-parsed.

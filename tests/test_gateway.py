@@ -1,0 +1,218 @@
+"""The gateway composes the six services: batching, fan-out, errors at paths, HTTP."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import httpx
+import pytest
+from strawberry.extensions.parser_cache import _get_parse_cache
+
+from schema import SDL_PATH, sdl
+from shop import Shop, gateway, seeded_dir, shop  # noqa: F401  (fixtures)
+
+ORDER_PAGE = (SDL_PATH.parent / "examples" / "order_page.graphql").read_text()
+ORDER_HISTORY = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { totalCount
+  nodes { id items { quantity book { title author { name } } } payment { status } shipment { status } } } } }"""
+ORDER_ID = "4850"  # shipped and paid: every service has something to say about it
+
+
+async def graphql(client: httpx.AsyncClient, query: str, **variables: Any) -> dict[str, Any]:
+    response = await client.post("/graphql", json={"query": query, "variables": variables})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def routes(calls: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+    return {name: sorted(c["route"] for c in reqs) for name, reqs in calls.items()}
+
+
+def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+async def test_order_page_calls_each_service_once(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """The order page makes one call to each service, and one each for books, authors, stock."""
+    body = await graphql(gateway, ORDER_PAGE, id=ORDER_ID)
+    assert "errors" not in body
+    assert routes(await shop.calls()) == {
+        "customers": ["/customers"],
+        "catalog": ["/authors", "/books"],
+        "inventory": ["/stock"],
+        "orders": ["/orders"],
+        "payments": ["/payments"],
+        "shipping": ["/shipments"],
+    }
+
+
+async def test_order_history_calls_each_service_once_per_level(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """Twenty orders with their books, authors, payments and shipments still cost one call per service and level."""
+    body = await graphql(gateway, ORDER_HISTORY, id="7")
+    nodes = body["data"]["customer"]["orders"]["nodes"]
+    assert len(nodes) == 20 and "errors" not in body
+    calls = await shop.calls()
+    assert routes(calls) == {
+        "customers": ["/customers"],
+        "catalog": ["/authors", "/books"],
+        "inventory": [],
+        "orders": ["/orders"],
+        "payments": ["/payments"],
+        "shipping": ["/shipments"],
+    }
+    distinct_books = {item["book"]["title"] for n in nodes for item in n["items"]}
+    books_call = next(c for c in calls["catalog"] if c["route"] == "/books")
+    assert books_call["ids"] >= len(distinct_books) > 20  # one call, de-duplicated ids, many books
+    assert next(c for c in calls["payments"])["ids"] == 20
+
+
+async def test_duplicate_ids_are_merged(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """The same book asked for three times in one query is fetched once."""
+    body = await graphql(gateway, '{ a: book(id: 5) { title } b: book(id: 5) { isbn } books(ids: ["5", "6", "5"]) { id } }')
+    assert [b["id"] for b in body["data"]["books"]] == ["5", "6", "5"]
+    (call,) = (await shop.calls())["catalog"]
+    assert call["ids"] == 2
+
+
+async def test_many_books_are_chunked_and_sent_concurrently(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """250 distinct books go out as ceil(250 / maxBatch) calls that overlap in time."""
+    await shop.faults("catalog", latencyMs=30, paths=["/books"])
+    ids = [str(i) for i in range(1, 251)]
+    body = await graphql(gateway, "query($ids: [ID!]!) { books(ids: $ids) { id title } }", ids=ids)
+    assert [b["id"] for b in body["data"]["books"]] == ids
+    calls = (await shop.calls())["catalog"]
+    assert sorted(c["ids"] for c in calls) == [50, 100, 100]
+    assert all(overlap(a, b) for a, b in itertools.combinations(calls, 2))
+
+
+async def test_fan_out_calls_of_one_level_overlap(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """An order's payment, shipment and books are fetched at the same time, not one after another."""
+    for service, path in (("payments", "/payments"), ("shipping", "/shipments"), ("catalog", "/books")):
+        await shop.faults(service, latencyMs=30, paths=[path])
+    await graphql(gateway, ORDER_PAGE, id=ORDER_ID)
+    calls = await shop.calls()
+    level = [calls["payments"][0], calls["shipping"][0], next(c for c in calls["catalog"] if c["route"] == "/books")]
+    assert all(overlap(a, b) for a, b in itertools.combinations(level, 2))
+    (order_call,) = calls["orders"]
+    assert all(c["start"] >= order_call["end"] for c in level)  # the next level waits for its parent
+
+
+async def test_fields_equal_what_the_services_return(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """Every field of the order page is what the owning service says, read directly."""
+    order = (await graphql(gateway, ORDER_PAGE, id=ORDER_ID))["data"]["order"]
+
+    async def read(service: str, path: str) -> dict[str, Any]:
+        async with shop.client(service) as client:
+            return (await client.get(path)).json()
+
+    raw = await read("orders", f"/orders/{ORDER_ID}")
+    assert (order["id"], order["status"], order["total"]) == (str(raw["id"]), raw["status"], raw["total"])
+    customer = await read("customers", f"/customers/{raw['customerId']}")
+    assert order["customer"] == {k: str(customer[k]) if k == "id" else customer[k] for k in ("id", "name", "email", "tier")}
+    for item, raw_item in zip(order["items"], raw["items"], strict=True):
+        assert (item["quantity"], item["titleAtPurchase"]) == (raw_item["quantity"], raw_item["titleAtPurchase"])
+        assert item["unitPrice"] == raw_item["unitPrice"]
+        book = await read("catalog", f"/books/{raw_item['bookId']}")
+        author = await read("catalog", f"/authors/{book['authorId']}")
+        stock = await read("inventory", f"/stock/{raw_item['bookId']}")
+        assert item["book"]["title"] == book["title"] and item["book"]["price"] == book["price"]
+        assert item["book"]["author"] == {"name": author["name"]}
+        assert item["book"]["stock"] == {"available": stock["available"], "inStock": stock["available"] > 0,
+                                         "warehouse": stock["warehouse"]}
+    payment = (await read("payments", f"/payments?orderIds={ORDER_ID}"))["data"][0]
+    assert order["payment"] == {"status": payment["status"], "method": payment["method"], "amount": payment["amount"]}
+    shipment = (await read("shipping", f"/shipments?orderIds={ORDER_ID}"))["data"][0]
+    assert order["shipment"]["trackingNumber"] == shipment["trackingNumber"]
+    assert order["shipment"]["carrier"] == shipment["carrier"]
+
+
+async def test_a_deleted_book_is_null_with_not_found_at_its_path(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """An order whose book no longer exists shows that item's book as null plus NOT_FOUND; the rest is whole."""
+    async with shop.client("orders") as client:
+        created = (await client.post("/orders", json={"customerId": 7, "items": [
+            {"bookId": 999_999, "quantity": 1, "unitPrice": {"amount": "9.99", "currency": "EUR"}, "titleAtPurchase": "Gone"},
+            {"bookId": 12, "quantity": 2, "unitPrice": {"amount": "5.00", "currency": "EUR"}, "titleAtPurchase": "Kept"},
+        ]})).json()
+    body = await graphql(gateway, ORDER_PAGE, id=str(created["id"]))
+    order = body["data"]["order"]
+    assert order["items"][0]["book"] is None and order["items"][0]["titleAtPurchase"] == "Gone"
+    assert order["items"][1]["book"]["id"] == "12"
+    assert order["customer"]["id"] == "7"
+    assert order["payment"] is None and order["shipment"] is None  # just placed: none yet, and no error
+    assert body["errors"] == [{
+        "message": "book 999999 not found", "locations": body["errors"][0]["locations"],
+        "path": ["order", "items", 0, "book"], "extensions": {"code": "NOT_FOUND", "service": "catalog"},
+    }]
+
+
+async def test_an_unknown_order_is_null_with_not_found(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """An unknown id gives null at its path and NOT_FOUND, next to the fields that did resolve."""
+    body = await graphql(gateway, '{ order(id: 999999) { id } books(ids: ["1", "999998"]) { id } }')
+    assert body["data"] == {"order": None, "books": [{"id": "1"}, None]}
+    assert sorted((tuple(e["path"]), e["extensions"]["code"]) for e in body["errors"]) == [
+        (("books", 1), "NOT_FOUND"), (("order",), "NOT_FOUND")]
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "message"),
+    [
+        ({"json": {"query": "{ book(id: 1) { nope } }"}}, 200, "Cannot query field 'nope'"),
+        ({"json": {"query": "query($id: ID!) { book(id: $id) { title } }", "variables": {"id": {"x": 1}}}}, 200,
+         "Variable '$id' has invalid value"),
+        ({"json": {"query": "{ book(id: 1) { title "}}, 200, "Syntax Error"),
+        ({"json": {"query": '{ book(id: "abc") { title } }'}}, 200, "id must be a positive integer"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "Unable to parse"),
+        ({"content": b"{ book(id: 1) { title } }", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
+    ],
+    ids=["unknown-field", "bad-variable", "syntax", "bad-id", "malformed-json", "wrong-content-type"],
+)
+async def test_bad_graphql_gets_a_clear_error_and_no_upstream_call(
+    gateway: httpx.AsyncClient, shop: Shop, request_kwargs: dict[str, Any], status: int, message: str
+) -> None:
+    """Bad requests are answered with an error that says what is wrong, before any service is called."""
+    response = await gateway.post("/graphql", **request_kwargs)
+    assert response.status_code == status
+    assert message in response.json()["errors"][0]["message"]
+    assert all(not reqs for reqs in (await shop.calls()).values())
+
+
+async def test_graphql_response_media_type_answers_request_errors_with_400(gateway: httpx.AsyncClient) -> None:
+    """With application/graphql-response+json, a validation error is a 400 with no `data` entry."""
+    accept = {"accept": "application/graphql-response+json"}
+    response = await gateway.post("/graphql", json={"query": "{ book(id: 1) { nope } }"}, headers=accept)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/graphql-response+json")
+    assert "data" not in response.json()
+    ok = await gateway.post("/graphql", json={"query": "{ book(id: 999999) { title } }"}, headers=accept)
+    assert ok.status_code == 200 and ok.json()["data"] == {"book": None}  # a field error is not a request error
+    assert ok.headers["content-type"].startswith("application/graphql-response+json")
+
+
+async def test_get_serves_queries_and_refuses_mutations(gateway: httpx.AsyncClient) -> None:
+    """GET runs a query; a mutation over GET is refused."""
+    ok = await gateway.get("/graphql", params={"query": "{ book(id: 1) { id } }"})
+    assert ok.status_code == 200 and ok.json() == {"data": {"book": {"id": "1"}}}
+    refused = await gateway.get("/graphql", params={"query": "mutation { x }"})
+    assert refused.status_code in (400, 405)
+    assert "mutations are not allowed" in refused.json()["errors"][0]["message"]
+
+
+async def test_graphiql_opens_in_a_browser(gateway: httpx.AsyncClient) -> None:
+    """A browser visiting /graphql gets GraphiQL."""
+    response = await gateway.get("/graphql", headers={"accept": "text/html"})
+    assert response.status_code == 200 and "graphiql" in response.text.lower()
+
+
+async def test_a_repeated_query_is_not_parsed_again(gateway: httpx.AsyncClient) -> None:
+    """The second run of a query is served from the parse cache."""
+    query = "{ book(id: 3) { title cacheProbe: isbn } }"
+    await gateway.post("/graphql", json={"query": query})
+    before = _get_parse_cache(512).cache_info()
+    await gateway.post("/graphql", json={"query": query})
+    after = _get_parse_cache(512).cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 0)
+
+
+def test_exported_sdl_matches_the_code() -> None:
+    """schema/schema.graphql is the schema the code serves (regenerate: bookvault schema > schema/schema.graphql)."""
+    assert SDL_PATH.read_text() == sdl()
