@@ -69,6 +69,8 @@ class GatewayGraphQL(GraphQL[RequestContext, None]):
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         body = process_result(result)
         context: RequestContext = request.scope[_CONTEXT]
+        if context.extensions:
+            body["extensions"] = {**body.get("extensions", {}), **context.extensions}
         if context.media_type == GRAPHQL_RESPONSE and result.data is None and result.errors and all(
             e.path is None for e in result.errors
         ):

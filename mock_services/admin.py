@@ -89,6 +89,10 @@ class AdminMiddleware:
 
         try:
             await self._with_faults(scope, receive, send_recorded)
+        except Exception:
+            # ServerErrorMiddleware, outside this one, turns the exception into a 500.
+            record["status"] = record["status"] or 500
+            raise
         finally:
             route = scope.get("route")
             record["route"] = getattr(route, "path", scope["path"])
@@ -109,6 +113,7 @@ class AdminMiddleware:
             if buffered is None:
                 return  # the client gave up; nothing to answer
             receive = _replay(buffered, receive)
+            faults = self.state.faults  # released by a change: serve under the new faults
         if faults.errorRate and random.random() < faults.errorRate:
             body = {"error": {"code": "INJECTED_FAULT", "message": "fault injected by /_admin/faults"}}
             await JSONResponse(body, status_code=faults.errorStatus)(scope, receive, send)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 AMOUNT = r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?$"
+MAX_ID = 10**18 - 1  # the largest id a path or ?ids= accepts (params.parse_id); fits SQLite's INTEGER
 Tier = Literal["standard", "silver", "gold"]
 OrderStatus = Literal["PLACED", "PAID", "SHIPPED", "DELIVERED", "CANCELLED"]
 PaymentStatus = Literal["PENDING", "CAPTURED", "REFUNDED", "FAILED"]
@@ -58,7 +59,7 @@ class Stock(Versioned):
 
 
 class OrderItem(Strict):
-    bookId: int = Field(ge=1)
+    bookId: int = Field(ge=1, le=MAX_ID)
     quantity: int = Field(ge=1, le=1000)
     unitPrice: Money
     titleAtPurchase: str = Field(min_length=1, max_length=500)
@@ -110,7 +111,7 @@ class OrderPatch(Strict):
 
 
 class OrderCreate(Strict):
-    customerId: int = Field(ge=1)
+    customerId: int = Field(ge=1, le=MAX_ID)
     items: list[OrderItem] = Field(min_length=1, max_length=100)
 
 

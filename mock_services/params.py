@@ -37,7 +37,7 @@ def parse_ids(raw: str | None, name: str, max_batch: int) -> list[int]:
 def parse_int(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
     if raw is None:
         return default
-    if not re.fullmatch(r"-?[0-9]{1,9}", raw) or not lo <= int(raw) <= hi:
+    if not re.fullmatch(r"-?[0-9]{1,16}", raw) or not lo <= int(raw) <= hi:
         raise BadRequest(f"{name} must be an integer from {lo} to {hi}")
     return int(raw)
 
@@ -46,7 +46,7 @@ async def read_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
         data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         raise BadRequest("request body must be a JSON object") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
