@@ -1,0 +1,139 @@
+"""Fixtures for the services' tests: real apps on seeded SQLite data, reached over
+httpx.ASGITransport, or over a real socket when a test needs one (hang, processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from mock_services import SERVICES, create_app
+
+Serve = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
+OpenService = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture(scope="session")
+def seeded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All six databases seeded once at scale 1; each test works on its own copy."""
+    template = tmp_path_factory.mktemp("seeded")
+
+    async def seed_all() -> None:
+        for spec in SERVICES.values():
+            app = create_app(spec, data_dir=template)
+            async with app.router.lifespan_context(app):
+                pass
+
+    # Its own thread and loop, so the test's event loop is left alone.
+    worker = threading.Thread(target=asyncio.run, args=(seed_all(),))
+    worker.start()
+    worker.join()
+    assert {p.name for p in template.glob("*.db")} == {f"{name}.db" for name in SERVICES}
+    return template
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, seeded_dir: Path) -> Path:
+    target = tmp_path / "data"
+    shutil.copytree(seeded_dir, target)
+    return target
+
+
+@contextlib.asynccontextmanager
+async def _serve(name: str, data_dir: Path, *, raise_app_exceptions: bool = True, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(SERVICES[name], data_dir=data_dir, **options)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{name}") as client:
+            yield client
+
+
+@pytest.fixture
+def serve(data_dir: Path) -> Serve:
+    """`async with serve("catalog", admin=True) as client:` runs one app for a block."""
+
+    def serve_(name: str, **options: Any) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+        return _serve(name, options.pop("data_dir", data_dir), **options)
+
+    return serve_
+
+
+@pytest.fixture
+async def service(serve: Serve) -> AsyncIterator[OpenService]:
+    """`client = await service("catalog")`: the app runs until the test ends."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_(name: str, **options: Any) -> httpx.AsyncClient:
+            return await stack.enter_async_context(serve(name, **options))
+
+        yield open_
+
+
+@pytest.fixture
+async def catalog(service: OpenService) -> httpx.AsyncClient:
+    return await service("catalog")
+
+
+@pytest.fixture
+async def orders(service: OpenService) -> httpx.AsyncClient:
+    return await service("orders")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def unused_port() -> Callable[[], int]:
+    return free_port
+
+
+@pytest.fixture
+async def live_service(data_dir: Path) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """`url = await live_service("catalog", admin=True)`: the app on uvicorn on a real socket."""
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(name: str, **options: Any) -> str:
+        app: Starlette = create_app(SERVICES[name], data_dir=data_dir, **options)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        servers.append((server, task))
+        for _ in range(500):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert server.started, f"{name} did not start"
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, _ in servers:
+        server.should_exit = True
+    await asyncio.gather(*(task for _, task in servers))
+
+
+@pytest.fixture
+def error_of() -> Callable[[httpx.Response], tuple[int, str]]:
+    """The status and code of an error answer, once it is shown to have the one error shape."""
+
+    def error_of_(response: httpx.Response) -> tuple[int, str]:
+        body = response.json()
+        assert set(body) == {"error"}, body
+        assert isinstance(body["error"]["code"], str) and body["error"]["code"], body
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+        return response.status_code, body["error"]["code"]
+
+    return error_of_
