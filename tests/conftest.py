@@ -50,7 +50,9 @@ def data_dir(tmp_path: Path, seeded_dir: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def _serve(name: str, data_dir: Path, *, raise_app_exceptions: bool = True, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def _serve(
+    name: str, data_dir: Path, *, raise_app_exceptions: bool = True, **options: Any
+) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(SERVICES[name], data_dir=data_dir, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
@@ -89,21 +91,24 @@ async def orders(service: OpenService) -> httpx.AsyncClient:
     return await service("orders")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def unused_port() -> Callable[[], int]:
-    return free_port
+def unused_ports() -> Callable[[int], list[int]]:
+    """`unused_ports(6)`: distinct free ports on 127.0.0.1 (held open together while chosen)."""
+
+    def ports(count: int) -> list[int]:
+        with contextlib.ExitStack() as stack:
+            sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+            for sock in sockets:
+                sock.bind(("127.0.0.1", 0))
+            return [int(sock.getsockname()[1]) for sock in sockets]
+
+    return ports
 
 
 @pytest.fixture
 async def live_service(data_dir: Path) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """`url = await live_service("catalog", admin=True)`: the app on uvicorn on a real socket."""
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None], socket.socket]] = []
 
     async def start(name: str, **options: Any) -> str:
         app: Starlette = create_app(SERVICES[name], data_dir=data_dir, **options)
@@ -111,18 +116,22 @@ async def live_service(data_dir: Path) -> AsyncIterator[Callable[..., Awaitable[
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
         task = asyncio.create_task(server.serve(sockets=[sock]))
-        servers.append((server, task))
+        servers.append((server, task, sock))
         for _ in range(500):
             if server.started or task.done():
                 break
             await asyncio.sleep(0.01)
+        if task.done():
+            task.result()  # raise why it stopped
         assert server.started, f"{name} did not start"
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     yield start
-    for server, _ in servers:
+    for server, _, _ in servers:
         server.should_exit = True
-    await asyncio.gather(*(task for _, task in servers))
+    await asyncio.gather(*(task for _, task, _ in servers))
+    for _, _, sock in servers:
+        sock.close()
 
 
 @pytest.fixture

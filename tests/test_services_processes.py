@@ -32,9 +32,9 @@ async def _line(process: asyncio.subprocess.Process, timeout: float = 30) -> str
     return line
 
 
-async def test_bookvault_services_survives_one_death_and_stops_on_sigint(data_dir, unused_port):
+async def test_bookvault_services_survives_one_death_and_stops_on_sigint(data_dir, unused_ports):
     """Six processes on the ports the env names; kill one and five serve on; SIGINT ends them all."""
-    urls = {name: f"http://127.0.0.1:{unused_port()}" for name in SERVICES}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in zip(SERVICES, unused_ports(len(SERVICES)))}
     env = os.environ | {f"BOOKVAULT_{name.upper()}_URL": url for name, url in urls.items()}
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("bookvault")), "services", "--data-dir", str(data_dir), "--scale", "1",
