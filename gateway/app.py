@@ -4,7 +4,9 @@ the lifespan."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import replace
 
 import httpx
 from starlette.applications import Starlette
@@ -12,7 +14,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
+from .feed import FeedFollower
+from .loading import Binding
 from .state import GatewayState
 from .upstream import Upstream
 from .view import GatewayGraphQL
@@ -28,24 +33,54 @@ async def home(request: Request) -> Response:
     return RedirectResponse("/graphql")
 
 
+def policies(settings: Settings, bindings: Iterable[Binding]) -> dict[str, CachePolicy]:
+    out = {}
+    for binding in bindings:
+        if binding.policy is None:
+            continue
+        ttl, stale = settings.cache_overrides.get(binding.entity, (None, None))
+        out[binding.entity] = replace(binding.policy, ttl=binding.policy.ttl if ttl is None else ttl,
+                                      max_stale=binding.policy.max_stale if stale is None else stale)
+    return out
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
-    """`transports` replaces the network for some services (tests drive in-process apps)."""
-    from schema import schema  # the schema imports the machinery, not the other way round
+    """`transports` replaces the network for some services (tests drive in-process apps);
+    `clock` is the cache's wall clock (tests move it instead of sleeping)."""
+    from schema import BINDINGS, schema  # the schema imports the machinery, not the other way round
 
     settings = settings or Settings.from_env()
+    cache_policies = policies(settings, BINDINGS)
+    owned: dict[str, list[str]] = {name: [] for name in settings.services}
+    for binding in BINDINGS:
+        owned.setdefault(binding.service, []).append(binding.entity)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         upstream = Upstream(settings.services, transports)
-        app.state.gateway = GatewayState(settings, upstream)
+        redis = None
+        if settings.redis_url:
+            redis = RedisLevel(settings.redis_url, timeout=settings.redis_timeout, rest=settings.redis_rest)
+        cache = EntityCache(MemoryLevel(settings.cache_max_keys), redis, clock, settings.cache_namespace)
+        feeds = None
+        if settings.follow_feeds:
+            keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
+            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait)
+            feeds.start()
+        app.state.gateway = GatewayState(settings, upstream, cache, cache_policies, feeds)
         try:
             yield
         finally:
+            if feeds is not None:
+                await feeds.stop()
             await upstream.aclose()
+            if redis is not None:
+                await redis.close()
 
     return Starlette(
         routes=[

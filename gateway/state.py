@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
 
+from .cache import CachePolicy, EntityCache
 from .config import Settings
+from .feed import FeedFollower
 from .upstream import Upstream
 
 __all__ = ["GatewayState", "gateway_state"]
@@ -16,6 +18,9 @@ __all__ = ["GatewayState", "gateway_state"]
 class GatewayState:
     settings: Settings
     upstream: Upstream
+    cache: EntityCache
+    policies: dict[str, CachePolicy]
+    feeds: FeedFollower | None
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -51,11 +51,12 @@ class Upstream:
         for client in self._clients.values():
             await client.aclose()
 
-    async def get_json(self, service: str, url: str) -> Any:
+    async def get_json(self, service: str, url: str, *, timeout: float | None = None) -> Any:
         """GET a JSON document, or raise an `UpstreamError` naming the service."""
         client = self._clients[service]
+        extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=self.services[service].connect_timeout)}
         try:
-            async with client.stream("GET", url) as response:
+            async with client.stream("GET", url, **extra) as response:
                 body = await self._read(response, service)
         except UpstreamError:
             raise

@@ -4,6 +4,7 @@ POST with JSON, GET for queries only, GraphiQL for browsers, and both
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from graphql import GraphQLError
 from strawberry.asgi import GraphQL
@@ -40,6 +41,12 @@ def negotiate(accept: str | None) -> str:
     return JSON
 
 
+def identity(request: Request, header: str) -> str | None:
+    """Who is asking, as a hash (never the credential itself), for private cache scopes."""
+    value = request.headers.get(header)
+    return hashlib.sha256(value.encode()).hexdigest()[:32] if value else None
+
+
 class MaskInternalErrors(MaskErrors):
     """Errors that are not the client's or a service's are bugs: a generic message for
     the client, the details in the log (DESIGN §6)."""
@@ -62,7 +69,8 @@ class MaskInternalErrors(MaskErrors):
 class GatewayGraphQL(GraphQL[RequestContext, None]):
     async def get_context(self, request: Request, response: Response) -> RequestContext:  # type: ignore[override]
         state = gateway_state(request)
-        context = RequestContext(request, response, Loaders(state.upstream), negotiate(request.headers.get("accept")))
+        loaders = Loaders(state.upstream, state.cache, identity(request, state.settings.identity_header), state.policies)
+        context = RequestContext(request, response, loaders, negotiate(request.headers.get("accept")))
         request.scope[_CONTEXT] = context
         return context
 

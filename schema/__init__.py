@@ -13,8 +13,9 @@ from strawberry.extensions import MaxAliasesLimiter, ParserCache, QueryDepthLimi
 from gateway.view import MaskInternalErrors
 
 from .query import Query
+from .types import BINDINGS
 
-__all__ = ["schema", "sdl", "SDL_PATH"]
+__all__ = ["schema", "sdl", "SDL_PATH", "BINDINGS"]
 
 SDL_PATH = Path(__file__).with_name("schema.graphql")
 

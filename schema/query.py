@@ -7,6 +7,7 @@ from typing import Any
 import strawberry
 
 from gateway.errors import BadUserInput
+from gateway.loading import resolve, resolve_each
 
 from .types import BOOK, CUSTOMER, ORDER, Book, Ctx, Customer, Order, int_id
 
@@ -16,16 +17,15 @@ MAX_IDS = 500
 def _many(info: Ctx, binding: Any, ids: list[strawberry.ID]) -> list[Any]:
     if len(ids) > MAX_IDS:
         raise BadUserInput(f"at most {MAX_IDS} ids per field")
-    keys = [int_id(i) for i in ids]
     # A list of awaitables: each item fails or succeeds at its own path (orders.3).
-    return [info.context.loaders.load(binding, key) for key in keys]
+    return resolve_each(info, binding, [int_id(i) for i in ids])
 
 
 @strawberry.type
 class Query:
     @strawberry.field
     async def order(self, info: Ctx, id: strawberry.ID) -> Order | None:
-        return await info.context.loaders.load(ORDER, int_id(id))
+        return await resolve(info, ORDER, int_id(id))
 
     @strawberry.field
     def orders(self, info: Ctx, ids: list[strawberry.ID]) -> list[Order | None]:
@@ -33,11 +33,11 @@ class Query:
 
     @strawberry.field
     async def customer(self, info: Ctx, id: strawberry.ID) -> Customer | None:
-        return await info.context.loaders.load(CUSTOMER, int_id(id))
+        return await resolve(info, CUSTOMER, int_id(id))
 
     @strawberry.field
     async def book(self, info: Ctx, id: strawberry.ID) -> Book | None:
-        return await info.context.loaders.load(BOOK, int_id(id))
+        return await resolve(info, BOOK, int_id(id))
 
     @strawberry.field
     def books(self, info: Ctx, ids: list[strawberry.ID]) -> list[Book | None]:

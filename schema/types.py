@@ -15,7 +15,8 @@ from strawberry.types import Info
 
 from gateway.context import RequestContext
 from gateway.errors import BadUserInput
-from gateway.loading import Binding, contract
+from gateway.cache import CachePolicy
+from gateway.loading import Binding, contract, resolve
 
 Ctx = Info[RequestContext, None]
 _ID = re.compile(r"[1-9][0-9]{0,17}")
@@ -107,11 +108,11 @@ class Book:
 
     @strawberry.field
     async def author(self, info: Ctx) -> Author | None:
-        return await info.context.loaders.load(AUTHOR, self.author_id)
+        return await resolve(info, AUTHOR, self.author_id)
 
     @strawberry.field
     async def stock(self, info: Ctx) -> Stock | None:
-        return await info.context.loaders.load(STOCK, int(self.id))
+        return await resolve(info, STOCK, int(self.id))
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> Book:
@@ -128,7 +129,7 @@ class OrderItem:
 
     @strawberry.field(description="The book as the catalog has it now.")
     async def book(self, info: Ctx) -> Book | None:
-        return await info.context.loaders.load(BOOK, self.book_id)
+        return await resolve(info, BOOK, self.book_id)
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> OrderItem:
@@ -178,15 +179,15 @@ class Order:
 
     @strawberry.field
     async def customer(self, info: Ctx) -> Customer | None:
-        return await info.context.loaders.load(CUSTOMER, self.customer_id)
+        return await resolve(info, CUSTOMER, self.customer_id)
 
     @strawberry.field(description="Null while the order is unpaid.")
     async def payment(self, info: Ctx) -> Payment | None:
-        return await info.context.loaders.load(PAYMENT, int(self.id))
+        return await resolve(info, PAYMENT, int(self.id))
 
     @strawberry.field(description="Null until the order ships.")
     async def shipment(self, info: Ctx) -> Shipment | None:
-        return await info.context.loaders.load(SHIPMENT, int(self.id))
+        return await resolve(info, SHIPMENT, int(self.id))
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> Order:
@@ -253,11 +254,20 @@ class Customer:
         return cls(id=strawberry.ID(str(p["id"])), name=p["name"], email=p["email"], tier=p["tier"], version=p["version"])
 
 
-# The entity bindings: which service answers for which type, through which batch route.
-CUSTOMER = Binding("customer", "customers", "/customers", Customer.of)
-BOOK = Binding("book", "catalog", "/books", Book.of)
-AUTHOR = Binding("author", "catalog", "/authors", Author.of)
-STOCK = Binding("stock", "inventory", "/stock", Stock.of, param="bookIds", key="bookId", optional=True)
-ORDER = Binding("order", "orders", "/orders", Order.of)
-PAYMENT = Binding("payment", "payments", "/payments", Payment.of, param="orderIds", key="orderId", optional=True)
-SHIPMENT = Binding("shipment", "shipping", "/shipments", Shipment.of, param="orderIds", key="orderId", optional=True)
+# The entity bindings: which service answers for which type, through which batch route,
+# and how long its data may be cached. Prices and stock move; authors hardly ever do.
+# Personal data (customers, their orders, payments, shipments) is cached per caller.
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+CUSTOMER = Binding("customer", "customers", "/customers", Customer.of, policy=CachePolicy(MINUTE, HOUR, private=True))
+BOOK = Binding("book", "catalog", "/books", Book.of, policy=CachePolicy(30.0, HOUR))
+AUTHOR = Binding("author", "catalog", "/authors", Author.of, policy=CachePolicy(HOUR, DAY))
+STOCK = Binding("stock", "inventory", "/stock", Stock.of, param="bookIds", key="bookId", optional=True,
+                policy=CachePolicy(5.0, 10 * MINUTE))
+ORDER = Binding("order", "orders", "/orders", Order.of, policy=CachePolicy(MINUTE, HOUR, private=True))
+# Looked up by order id while their change events name the payment's or shipment's own
+# id, so events cannot find these entries: they live by their (short) TTL alone.
+PAYMENT = Binding("payment", "payments", "/payments", Payment.of, param="orderIds", key="orderId", optional=True,
+                  policy=CachePolicy(15.0, HOUR, private=True))
+SHIPMENT = Binding("shipment", "shipping", "/shipments", Shipment.of, param="orderIds", key="orderId", optional=True,
+                   policy=CachePolicy(15.0, HOUR, private=True))
+BINDINGS = (CUSTOMER, BOOK, AUTHOR, STOCK, ORDER, PAYMENT, SHIPMENT)

@@ -73,13 +73,26 @@ async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
 
 
 def settings_for(shop: Shop, **overrides: Any) -> Settings:
-    services = {name: ServiceConfig(name=name, url=f"http://{name}", **overrides) for name in shop.apps}
-    return Settings(services=services)
+    services = {name: ServiceConfig(name=name, url=f"http://{name}") for name in shop.apps}
+    return Settings(services=services, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    shop: Shop, transports: dict[str, httpx.AsyncBaseTransport] | None = None, clock: Any = None, **settings: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """A gateway app over `shop` (lifespan running) and a client for it."""
+    extra = {"clock": clock} if clock is not None else {}
+    app = create_app(settings_for(shop, **settings), transports={**shop.transports, **(transports or {})}, **extra)
+    async with app.router.lifespan_context(app):
+        if app.state.gateway.feeds is not None:
+            # A follower that starts late may still drop entries another gateway wrote.
+            await asyncio.wait_for(app.state.gateway.feeds.started(), 10)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+            yield client, app
 
 
 @pytest.fixture
 async def gateway(shop: Shop) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings_for(shop), transports=shop.transports)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
-            yield client
+    async with running_gateway(shop) as (client, _):
+        yield client

@@ -1,0 +1,353 @@
+"""The versioned entity cache (DESIGN §5): L1 in process, L2 in Redis when configured.
+
+An entity's key holds a *slot*: a version floor (the newest version the change feed has
+announced) and one entry per scope ("public", or a caller's identity hash for private
+data). A write is applied only if it is not older than what the slot holds, atomically:
+by compare-and-set in L1 and by a Lua script in Redis. So a slow response carrying
+version 2 that lands after version 3 (or after the event announcing 3) changes nothing.
+
+Redis trouble never fails a request: every call has a short timeout, a failure is
+counted, and Redis is left alone for a moment before it is tried again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiocache import RedisCache, SimpleMemoryCache
+
+__all__ = ["CachePolicy", "Entry", "EntityCache", "MemoryLevel", "RedisLevel", "FORMAT"]
+
+log = logging.getLogger("bookvault.cache")
+# Bumped whenever the cached payload's shape changes, so a new release never reads
+# entries an old one wrote (DESIGN §5).
+FORMAT = "c1"
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    ttl: float  # seconds an entry is served without asking the service
+    max_stale: float  # seconds past the TTL it may still be served when the service fails
+    private: bool = False  # cached per caller identity, never for anonymous callers
+
+
+@dataclass(frozen=True)
+class Entry:
+    payload: dict[str, Any] | None  # None: the service said there is none (optional relations)
+    version: int
+    fetched_at: float
+    service: str
+
+    def dumps(self) -> str:
+        return json.dumps({"payload": self.payload, "version": self.version, "fetchedAt": self.fetched_at,
+                           "service": self.service}, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, raw: str | bytes) -> Entry:
+        d = json.loads(raw)
+        return cls(d["payload"], int(d["version"]), float(d["fetchedAt"]), d["service"])
+
+    def supersedes(self, other: Entry | None) -> bool:
+        """Newer version, or the same version fetched later (a revalidation)."""
+        return other is None or (self.version, self.fetched_at) > (other.version, other.fetched_at)
+
+
+@dataclass(frozen=True)
+class Slot:
+    floor: int = 0
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+
+class MemoryLevel:
+    """L1: aiocache's memory cache, bounded in keys (oldest written out first).
+
+    Slots are immutable; a write is a compare-and-set on the slot it read
+    (aiocache's ``_cas_token``), retried when another task wrote in between."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self._cache = _BoundedMemoryCache(max_keys)
+
+    async def get_many(self, keys: list[str], scope: str) -> list[Entry | None]:
+        slots: list[Slot | None] = await self._cache.multi_get(keys)
+        return [_visible(slot, scope) for slot in slots]
+
+    async def put(self, key: str, scope: str, entry: Entry, ttl: float) -> bool:
+        return await self._update(key, ttl, lambda slot: _with_entry(slot, scope, entry))
+
+    async def invalidate(self, key: str, version: int, ttl: float) -> None:
+        await self._update(key, ttl, lambda slot: _with_floor(slot, version))
+
+    async def drop_prefix(self, prefix: str) -> None:
+        await self._cache.clear(namespace=prefix)
+
+    async def _update(self, key: str, ttl: float, change: Callable[[Slot], Slot | None]) -> bool:
+        while True:
+            old: Slot | None = await self._cache.get(key)
+            new = change(old or Slot())
+            if new is None:
+                return False
+            if old is None:
+                try:
+                    await self._cache.add(key, new, ttl=ttl)
+                    return True
+                except ValueError:  # another task created it first: read again
+                    continue
+            if await self._cache.set(key, new, ttl=ttl, _cas_token=old):
+                return True
+
+
+class _BoundedMemoryCache(SimpleMemoryCache):
+    def __init__(self, max_keys: int) -> None:
+        super().__init__(timeout=None)
+        self.max_keys = max_keys
+
+    async def _set(self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None) -> Any:
+        fresh_key = key not in self._cache
+        done = await super()._set(key, value, ttl=ttl, _cas_token=_cas_token, _conn=_conn)
+        if done and fresh_key:
+            while len(self._cache) > self.max_keys:
+                await self._delete(next(iter(self._cache)))
+        return done
+
+
+def _visible(slot: Slot | None, scope: str) -> Entry | None:
+    entry = slot.entries.get(scope) if slot else None
+    return entry if entry is not None and entry.version >= slot.floor else None  # type: ignore[union-attr]
+
+
+def _with_entry(slot: Slot, scope: str, entry: Entry) -> Slot | None:
+    if entry.version < slot.floor or not entry.supersedes(slot.entries.get(scope)):
+        return None
+    return replace(slot, entries={**slot.entries, scope: entry})
+
+
+def _with_floor(slot: Slot, version: int) -> Slot | None:
+    if version <= slot.floor:
+        return None
+    return Slot(version, {s: e for s, e in slot.entries.items() if e.version >= version})
+
+
+# KEYS[i]: slot hashes; ARGV[1]: scope. An entry older than the slot's floor is not returned.
+_READ = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local r = redis.call('HMGET', key, ARGV[1], '_floor')
+  local e = r[1]
+  if e and r[2] and cjson.decode(e).version < tonumber(r[2]) then e = false end
+  out[i] = e or false
+end
+return out
+"""
+# KEYS: slots; ARGV: scope, expiry ms, then per key: entry json, version, fetchedAt.
+# Each is applied only if not older than the slot's floor and newer than the scope's
+# entry: a compare-and-set, atomic because a script runs alone.
+_PUT = """
+local applied = 0
+for i, key in ipairs(KEYS) do
+  local json, version, fetched = ARGV[i * 3], tonumber(ARGV[i * 3 + 1]), tonumber(ARGV[i * 3 + 2])
+  local ok = version >= tonumber(redis.call('HGET', key, '_floor') or '0')
+  local cur = redis.call('HGET', key, ARGV[1])
+  if ok and cur then
+    local e = cjson.decode(cur)
+    ok = e.version < version or (e.version == version and e.fetchedAt < fetched)
+  end
+  if ok then
+    redis.call('HSET', key, ARGV[1], json)
+    redis.call('PEXPIRE', key, ARGV[2])
+    applied = applied + 1
+  end
+end
+return applied
+"""
+# KEYS[1]: slot; ARGV: announced version, expiry ms. Raises the floor, drops older entries.
+_INVALIDATE = """
+local version = tonumber(ARGV[1])
+if version <= tonumber(redis.call('HGET', KEYS[1], '_floor') or '0') then return 0 end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= '_floor' and cjson.decode(all[i + 1]).version < version then redis.call('HDEL', KEYS[1], all[i]) end
+end
+redis.call('HSET', KEYS[1], '_floor', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+# KEYS[1]: a feed cursor; ARGV[1]: seq. Cursors only move forward.
+_ADVANCE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
+
+
+class RedisUnavailable(Exception):
+    """Redis failed or is resting after a failure; callers go on without it."""
+
+
+class RedisLevel:
+    """L2: Redis through aiocache's Redis backend, shared by every gateway instance."""
+
+    def __init__(self, url: str, timeout: float = 0.05, rest: float = 1.0, clock: Clock = time.monotonic) -> None:
+        parts = urlsplit(url)
+        db = int(parts.path.lstrip("/") or 0)
+        self._cache = RedisCache(endpoint=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=db,
+                                 password=parts.password, timeout=timeout, create_connection_timeout=timeout)
+        self.rest = rest
+        self._clock = clock
+        self._resting_until = 0.0
+        self.fallbacks = 0
+        self.up = True
+
+    async def close(self) -> None:
+        await self._cache.close()
+
+    async def _call(self, command: str, *args: Any) -> Any:
+        if self._clock() < self._resting_until:
+            raise RedisUnavailable("resting after a failure")
+        try:
+            result = await self._cache.raw(command, *args)
+        except Exception as exc:  # redis.RedisError, OSError and aiocache's timeout alike
+            self.fallbacks += 1
+            self._resting_until = self._clock() + self.rest
+            if self.up:
+                log.warning("redis unavailable, serving from memory and services: %r", exc)
+            self.up = False
+            raise RedisUnavailable(str(exc)) from exc
+        if not self.up:
+            log.warning("redis is back")
+        self.up = True
+        return result
+
+    async def get_many(self, keys: list[str], scope: str) -> list[Entry | None]:
+        raw = await self._call("eval", _READ, len(keys), *keys, scope)
+        return [Entry.loads(r) if r else None for r in raw]
+
+    async def put_many(self, items: dict[str, Entry], scope: str, ttl: float) -> int:
+        args: list[Any] = [scope, int(ttl * 1000)]
+        for entry in items.values():
+            args += [entry.dumps(), entry.version, repr(entry.fetched_at)]
+        return int(await self._call("eval", _PUT, len(items), *items, *args))
+
+    async def invalidate(self, key: str, version: int, ttl: float) -> None:
+        await self._call("eval", _INVALIDATE, 1, key, version, int(ttl * 1000))
+
+    async def drop_prefix(self, prefix: str) -> None:
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self._call("scan", cursor, f"{prefix}*", 500)
+            if keys:
+                await self._call("unlink", *keys)
+            if int(cursor) == 0:
+                return
+
+    async def cursor(self, key: str) -> int | None:
+        raw = await self._call("get", key)
+        return int(raw) if raw is not None else None
+
+    async def advance(self, key: str, seq: int) -> None:
+        await self._call("eval", _ADVANCE, 1, key, seq)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._call("ping"))
+        except RedisUnavailable:
+            return False
+
+
+@dataclass
+class CacheStats:
+    hits: dict[tuple[str, str], int] = field(default_factory=dict)  # (entity, level) -> count
+    misses: dict[str, int] = field(default_factory=dict)
+
+    def hit(self, entity: str, level: str, n: int) -> None:
+        if n:
+            self.hits[entity, level] = self.hits.get((entity, level), 0) + n
+
+    def miss(self, entity: str, n: int) -> None:
+        if n:
+            self.misses[entity] = self.misses.get(entity, 0) + n
+
+
+class EntityCache:
+    """L1, then L2, for (entity, id) in a scope; knows nothing of what the entities are."""
+
+    def __init__(self, memory: MemoryLevel, redis: RedisLevel | None = None, clock: Clock = time.time,
+                 namespace: str = "bv") -> None:
+        self.namespace = namespace
+        self.memory = memory
+        self.redis = redis
+        self.clock = clock
+        self.stats = CacheStats()
+        # Entries fetched before this moment are not trusted as fresh: their service's
+        # change feed could not be read since, so a change may have been missed.
+        self._trusted_after: dict[str, float] = {}
+
+    def key(self, entity: str, entity_id: int | str) -> str:
+        return f"{self.namespace}:{FORMAT}:{entity}:{entity_id}"
+
+    def fresh(self, entry: Entry, policy: CachePolicy) -> bool:
+        return (self.clock() - entry.fetched_at < policy.ttl
+                and entry.fetched_at >= self._trusted_after.get(entry.service, float("-inf")))
+
+    def usable_stale(self, entry: Entry, policy: CachePolicy) -> bool:
+        return self.clock() - entry.fetched_at <= policy.ttl + policy.max_stale
+
+    async def get_many(self, entity: str, scope: str, ids: list[int], policy: CachePolicy) -> dict[int, Entry]:
+        keys = [self.key(entity, i) for i in ids]
+        found = {i: e for i, e in zip(ids, await self.memory.get_many(keys, scope), strict=True) if e is not None}
+        self.stats.hit(entity, "l1", len(found))
+        rest = [i for i in ids if i not in found]
+        if rest and self.redis is not None:
+            try:
+                remote = await self.redis.get_many([self.key(entity, i) for i in rest], scope)
+            except RedisUnavailable:
+                remote = []
+            promoted = {i: e for i, e in zip(rest, remote, strict=False) if e is not None}
+            self.stats.hit(entity, "l2", len(promoted))
+            for i, entry in promoted.items():
+                await self.memory.put(self.key(entity, i), scope, entry, policy.ttl + policy.max_stale)
+            found.update(promoted)
+        self.stats.miss(entity, len(ids) - len(found))
+        return found
+
+    async def put_many(self, entity: str, scope: str, entries: dict[int, Entry], policy: CachePolicy) -> None:
+        keep = policy.ttl + policy.max_stale
+        items = {self.key(entity, i): entry for i, entry in entries.items()}
+        for key, entry in items.items():
+            await self.memory.put(key, scope, entry, keep)
+        if self.redis is not None and items:
+            try:
+                await self.redis.put_many(items, scope, keep)
+            except RedisUnavailable:
+                pass
+
+    async def invalidate(self, entity: str, entity_id: int, version: int, keep: float) -> None:
+        key = self.key(entity, entity_id)
+        await self.memory.invalidate(key, version, keep)
+        if self.redis is not None:
+            try:
+                await self.redis.invalidate(key, version, keep)
+            except RedisUnavailable:
+                pass
+
+    def distrust(self, service: str) -> None:
+        self._trusted_after[service] = self.clock()
+
+    async def drop(self, service: str, entities: Iterable[str]) -> None:
+        """Forget a service's entries (a gap in its feed: changes were missed)."""
+        self.distrust(service)
+        for entity in entities:
+            prefix = self.key(entity, "")
+            await self.memory.drop_prefix(prefix)
+            if self.redis is not None:
+                try:
+                    await self.redis.drop_prefix(prefix)
+                except RedisUnavailable:
+                    pass

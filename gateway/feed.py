@@ -1,0 +1,126 @@
+"""Following the services' change feeds (DESIGN §5): each gateway instance long-polls
+every service's `/events` and raises the version floor of each changed entity in L1 and
+L2, so a change is served fresh within one feed round trip, not after a TTL.
+
+The cursor is kept in Redis beside the entries it protects, so a restart resumes where
+the instances left off. With memory only there is nothing to resume: a new process
+starts with an empty cache, so it starts at the feed's head. A gap (the feed's head is
+behind our cursor, or it skipped seqs) drops that service's entries; a feed that cannot
+be read makes them untrusted, so they are revalidated before being served as fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from .cache import EntityCache, RedisUnavailable
+from .errors import UpstreamError
+from .upstream import Upstream
+
+__all__ = ["FeedFollower"]
+
+log = logging.getLogger("bookvault.feed")
+
+
+class FeedFollower:
+    def __init__(
+        self,
+        upstream: Upstream,
+        cache: EntityCache,
+        entities: Mapping[str, list[str]],
+        keep: Mapping[str, float],
+        wait: float = 10.0,
+    ) -> None:
+        self.upstream = upstream
+        self.cache = cache
+        self.entities = entities  # service -> entity types it owns
+        self.keep = keep  # entity -> seconds an announced version floor is kept
+        self.wait = wait
+        self.cursors: dict[str, int] = {}
+        self._advanced = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._follow(s), name=f"feed:{s}") for s in self.entities]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def started(self) -> None:
+        """Wait until every feed has a cursor (and any untrusted Redis entries are dropped)."""
+        async with self._advanced:
+            await self._advanced.wait_for(lambda: set(self.cursors) >= set(self.entities))
+
+    async def reached(self, service: str, seq: int) -> None:
+        """Wait until `service`'s events up to `seq` have been applied."""
+        async with self._advanced:
+            await self._advanced.wait_for(lambda: self.cursors.get(service, -1) >= seq)
+
+    async def _read(self, service: str, after: int, wait: float) -> tuple[list[dict[str, Any]], int, int]:
+        page = await self.upstream.get_json(service, f"/events?after={after}&limit=500&wait={wait:g}", timeout=wait + 5)
+        try:
+            return list(page["events"]), int(page["next"]), int(page["latest"])
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamError(f"{service} sent a feed page not in its contract", service=service) from None
+
+    async def _follow(self, service: str) -> None:
+        cursor: int | None = None
+        delay, healthy = 0.2, True
+        while True:
+            try:
+                if cursor is None:
+                    cursor = await self._start_cursor(service)
+                events, following, latest = await self._read(service, cursor, self.wait)
+            except UpstreamError as exc:
+                if healthy:
+                    log.warning("cannot read the %s change feed, its cached entries will be revalidated: %s", service, exc)
+                    healthy = False
+                self.cache.distrust(service)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay, healthy = 0.2, True
+            if latest < cursor or (events and events[0]["seq"] != cursor + 1):
+                log.warning("gap in the %s change feed (cursor %s, head %s): dropping its cached entries",
+                            service, cursor, latest)
+                await self.cache.drop(service, self.entities[service])
+                if latest < cursor:  # the service's feed was reset: start again at its head
+                    following = latest
+            for event in events:
+                keep = self.keep.get(event.get("entity", ""))
+                if keep is not None:
+                    await self.cache.invalidate(event["entity"], int(event["id"]), int(event["version"]), keep)
+            await self._advance(service, following)
+            cursor = following
+
+    async def _start_cursor(self, service: str) -> int:
+        _, _, latest = await self._read(service, 0, 0)
+        saved = None
+        if self.cache.redis is not None:
+            try:
+                saved = await self.cache.redis.cursor(self._cursor_key(service))
+            except RedisUnavailable:
+                saved = None
+            if saved is None or saved > latest:
+                # Entries in Redis with no cursor to vouch for them may have missed changes.
+                await self.cache.drop(service, self.entities[service])
+        start = latest if saved is None or saved > latest else saved
+        await self._advance(service, start)
+        return start
+
+    async def _advance(self, service: str, seq: int) -> None:
+        if self.cache.redis is not None:
+            try:
+                await self.cache.redis.advance(self._cursor_key(service), seq)
+            except RedisUnavailable:
+                pass
+        async with self._advanced:
+            self.cursors[service] = seq
+            self._advanced.notify_all()
+
+    def _cursor_key(self, service: str) -> str:
+        return self.cache.key("feed", service)

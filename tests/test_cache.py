@@ -1,0 +1,249 @@
+"""The versioned entity cache: L1 memory, L2 Redis (a real one), change feeds, stale-if-error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from shop import Shop, running_gateway, seeded_dir, shop  # noqa: F401  (fixtures)
+
+REDIS = "redis://127.0.0.1:6379/0"
+HISTORY = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { nodes { id
+  items { book { title price { amount } author { name } stock { available } } } payment { status } shipment { status } } } } }"""
+BOOK = "query($id: ID!) { book(id: $id) { id title version price { amount } } }"
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    """A Redis key namespace of this test's own, removed afterwards."""
+    name = f"bvtest-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = aioredis.from_url(REDIS)
+    async for key in client.scan_iter(f"{name}:*"):
+        await client.unlink(key)
+    await client.aclose()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def ask(client: httpx.AsyncClient, query: str, headers: dict[str, str] | None = None, **variables: Any) -> dict[str, Any]:
+    response = await client.post("/graphql", json={"query": query, "variables": variables}, headers=headers or {})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def count_calls(shop: Shop) -> dict[str, int]:
+    calls = {name: len(reqs) for name, reqs in (await shop.calls()).items()}
+    await shop.reset_stats()
+    return calls
+
+
+async def patch_price(shop: Shop, book_id: int, amount: str) -> int:
+    """Change a book's price at the catalog; returns the feed seq of the change."""
+    async with shop.client("catalog") as client:
+        (await client.patch(f"/books/{book_id}", json={"price": {"amount": amount, "currency": "EUR"}})).raise_for_status()
+        return (await client.get("/events?after=0&limit=1")).json()["latest"]
+
+
+@pytest.mark.parametrize("redis_url", [None, REDIS], ids=["l1", "l1+redis"])
+async def test_repeated_history_makes_no_calls_for_cached_public_types(shop: Shop, namespace: str, redis_url: str | None) -> None:
+    """The second order history costs no catalog or inventory call; private types are reused only by the same caller."""
+    alice = {"authorization": "Bearer alice"}
+    async with running_gateway(shop, redis_url=redis_url, cache_namespace=namespace) as (client, _):
+        first = await ask(client, HISTORY, alice, id="7")
+        assert (await count_calls(shop))["catalog"] == 2
+        again = await ask(client, HISTORY, alice, id="7")
+        assert again == first
+        assert await count_calls(shop) == {"customers": 0, "catalog": 0, "inventory": 0, "orders": 1,  # the page itself
+                                           "payments": 0, "shipping": 0}
+        await ask(client, HISTORY, id="7")  # anonymous: public types from cache, private ones asked again
+        assert await count_calls(shop) == {"customers": 1, "catalog": 0, "inventory": 0, "orders": 1,
+                                           "payments": 1, "shipping": 1}
+
+
+class Holding(httpx.AsyncBaseTransport):
+    """Holds back the next /books answer, already read, until released: a slow response."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.gate: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.gate is not None and request.url.path == "/books":
+            gate, self.gate = self.gate, None
+            await response.aread()
+            self.holding.set()
+            await gate.wait()
+        return response
+
+
+@pytest.mark.parametrize("redis_url", [None, REDIS], ids=["l1", "l1+redis"])
+async def test_a_late_older_response_never_replaces_a_newer_version(shop: Shop, namespace: str, redis_url: str | None) -> None:
+    """Version 1 arriving after version 2 was cached leaves version 2 in place."""
+    holding = Holding(shop.transports["catalog"])
+    async with running_gateway(shop, {"catalog": holding}, redis_url=redis_url, cache_namespace=namespace) as (client, app):
+        holding.gate = release = asyncio.Event()
+        slow = asyncio.create_task(ask(client, BOOK, id="3"))
+        await asyncio.wait_for(holding.holding.wait(), 10)  # version 1 is read and on its way, slowly
+        seq = await patch_price(shop, 3, "99.00")
+        await asyncio.wait_for(app.state.gateway.feeds.reached("catalog", seq), 10)
+        newer = await ask(client, BOOK, id="3")
+        assert newer["data"]["book"]["version"] == 2
+        release.set()
+        assert (await slow)["data"]["book"]["version"] == 1  # what the service said when asked
+        await shop.reset_stats()
+        cached = await ask(client, BOOK, id="3")
+        assert cached["data"]["book"] == newer["data"]["book"]
+        assert (await count_calls(shop))["catalog"] == 0
+    if redis_url:
+        async with running_gateway(shop, redis_url=redis_url, cache_namespace=namespace) as (other, _):
+            assert (await ask(other, BOOK, id="3"))["data"]["book"]["version"] == 2
+            assert (await count_calls(shop))["catalog"] == 0  # from Redis, and it is version 2
+
+
+async def test_a_price_change_is_served_within_one_feed_round_trip(shop: Shop) -> None:
+    """After a PATCH at the catalog, the next query shows the new price and version, long before the TTL."""
+    async with running_gateway(shop) as (client, app):
+        before = (await ask(client, BOOK, id="8"))["data"]["book"]
+        seq = await patch_price(shop, 8, "12.34")
+        await asyncio.wait_for(app.state.gateway.feeds.reached("catalog", seq), 10)
+        after = (await ask(client, BOOK, id="8"))["data"]["book"]
+    assert after["price"] == {"amount": "12.34"} and after["version"] == before["version"] + 1
+
+
+async def test_two_gateways_sharing_redis_serve_a_change_fresh(shop: Shop, namespace: str) -> None:
+    """A change fetched through one gateway is what the other serves, from Redis."""
+    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (a, app_a), \
+            running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (b, app_b):
+        await ask(a, BOOK, id="9")
+        await count_calls(shop)
+        assert (await ask(b, BOOK, id="9"))["data"]["book"]["version"] == 1
+        assert (await count_calls(shop))["catalog"] == 0  # B's first read came from A's write to Redis
+        seq = await patch_price(shop, 9, "7.77")
+        await asyncio.wait_for(app_a.state.gateway.feeds.reached("catalog", seq), 10)
+        await asyncio.wait_for(app_b.state.gateway.feeds.reached("catalog", seq), 10)
+        assert (await ask(a, BOOK, id="9"))["data"]["book"]["price"] == {"amount": "7.77"}
+        await count_calls(shop)
+        seen_by_b = (await ask(b, BOOK, id="9"))["data"]["book"]
+        assert seen_by_b["price"] == {"amount": "7.77"} and seen_by_b["version"] == 2
+        assert (await count_calls(shop))["catalog"] == 0
+
+
+async def test_stale_books_are_served_when_the_catalog_fails_until_max_stale(shop: Shop) -> None:
+    """Past the TTL a failing catalog gets stale books marked in extensions; past max-stale, null and the error."""
+    clock = Clock()
+    async with running_gateway(shop, clock=clock, cache_overrides={"book": (30.0, 600.0)}) as (client, _):
+        fresh = await ask(client, '{ books(ids: ["1", "2"]) { id title } }')
+        await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/books"])
+        clock.now += 31
+        stale = await ask(client, '{ books(ids: ["1", "2"]) { id title } }')
+        assert stale["data"] == fresh["data"] and "errors" not in stale
+        assert stale["extensions"]["stale"] == [
+            {"path": ["books", i], "service": "catalog", "version": 1, "ageMs": 31_000} for i in (0, 1)]
+        clock.now += 600
+        gone = await ask(client, '{ books(ids: ["1", "2"]) { id title } }')
+    assert gone["data"] == {"books": [None, None]}
+    assert {(tuple(e["path"]), e["extensions"]["code"], e["extensions"]["service"]) for e in gone["errors"]} == {
+        (("books", 0), "UPSTREAM_UNAVAILABLE", "catalog"), (("books", 1), "UPSTREAM_UNAVAILABLE", "catalog")}
+    assert "stale" not in gone.get("extensions", {})
+
+
+async def test_private_records_never_cross_callers(shop: Shop, namespace: str) -> None:
+    """A customer cached for Alice is not served to Bob nor to an anonymous caller, and anonymous reads are not cached."""
+    query = '{ customer(id: 11) { name email } }'
+    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (client, _):
+        await ask(client, query, {"authorization": "Bearer alice"})
+        await ask(client, query, {"authorization": "Bearer alice"})
+        assert (await count_calls(shop))["customers"] == 1
+        await ask(client, query, {"authorization": "Bearer bob"})
+        assert (await count_calls(shop))["customers"] == 1
+        await ask(client, query)
+        await ask(client, query)
+        assert (await count_calls(shop))["customers"] == 2
+    store = aioredis.from_url(REDIS)
+    scopes = await store.hkeys(f"{namespace}:c1:customer:11")
+    await store.aclose()
+    assert len(scopes) == 2 and all(s.startswith(b"u:") for s in scopes)  # Alice's and Bob's; no public copy
+    assert not any(b"alice" in s or b"bob" in s for s in scopes)  # the credential itself is never stored
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    """A Redis of this test's own, so stopping it disturbs nobody else."""
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(500):
+        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, timeout=2).stdout.strip() == b"PONG":
+            return process
+        if process.poll() is not None:
+            break
+    process.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(5)
+
+
+async def test_queries_survive_redis_stopping_and_use_it_again_when_it_returns(shop: Shop) -> None:
+    """With Redis stopped mid-run every query still succeeds; once Redis is back, entries are written to it again."""
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port)
+    try:
+        async with running_gateway(shop, redis_url=url, redis_rest=0.0) as (client, app):
+            redis = app.state.gateway.cache.redis
+            assert "errors" not in await ask(client, BOOK, id="21") and redis.up
+            stop(server)
+            for book in ("22", "23", "21"):
+                body = await ask(client, BOOK, id=book)
+                assert body["data"]["book"]["id"] == book and "errors" not in body
+            assert redis.fallbacks > 0 and not redis.up
+            server = start_redis(port)
+            for _ in range(5):  # the first command after the restart may meet a dead pooled connection
+                await ask(client, BOOK, id="24")
+                if redis.up:
+                    break
+            store = aioredis.from_url(url)
+            assert redis.up and await store.exists("bv:c1:book:24")
+            await store.aclose()
+    finally:
+        stop(server)
+
+
+async def test_a_restarted_gateway_resumes_each_feed_from_its_cursor(shop: Shop, namespace: str) -> None:
+    """A change made while no gateway ran is applied by the next one, which resumes from the saved cursor."""
+    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (client, app):
+        assert (await ask(client, BOOK, id="31"))["data"]["book"]["version"] == 1
+        cursors = dict(app.state.gateway.feeds.cursors)
+    seq = await patch_price(shop, 31, "31.31")
+    assert seq == cursors["catalog"] + 1
+    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (client, app):
+        await asyncio.wait_for(app.state.gateway.feeds.reached("catalog", seq), 10)
+        await count_calls(shop)
+        book = (await ask(client, BOOK, id="31"))["data"]["book"]
+        assert (book["version"], book["price"]) == (2, {"amount": "31.31"})
+        assert (await count_calls(shop))["catalog"] == 1  # the cached version 1 was not trusted
