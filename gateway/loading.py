@@ -14,6 +14,7 @@ from typing import Any
 from strawberry.dataloader import DataLoader
 
 from .errors import NotFound, UpstreamBadResponse, UpstreamError
+from .resilience import Deadline
 from .upstream import Upstream
 
 __all__ = ["Binding", "Loaders", "contract"]
@@ -43,10 +44,12 @@ class Binding:
 
 
 class Loaders:
-    """The DataLoaders of one GraphQL request, one per binding, created on first use."""
+    """The DataLoaders of one GraphQL request, one per binding, created on first use;
+    every call they make shares the request's `deadline`."""
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, deadline: Deadline | None = None) -> None:
         self.upstream = upstream
+        self.deadline = deadline
         self._loaders: dict[str, DataLoader[int, Any]] = {}
 
     def load(self, binding: Binding, key: int) -> Any:
@@ -58,7 +61,7 @@ class Loaders:
 
     async def page(self, binding: Binding, url: str) -> dict[str, Any]:
         """A non-batch read (a cursor page) of `binding`'s entities, parsed."""
-        body = await self.upstream.get_json(binding.service, url)
+        body = await self.upstream.get_json(binding.service, url, deadline=self.deadline)
         _index(body, binding)
         with contract(binding.service, f"{binding.entity} page"):
             return {**body, "data": [binding.parse(item) for item in body["data"]]}
@@ -66,7 +69,7 @@ class Loaders:
     async def _fetch(self, binding: Binding, keys: list[int]) -> list[Any]:
         url = f"{binding.path}?{binding.param}={','.join(map(str, keys))}"
         try:
-            found = _index(await self.upstream.get_json(binding.service, url), binding)
+            found = _index(await self.upstream.get_json(binding.service, url, deadline=self.deadline), binding)
         except UpstreamError as exc:
             return [exc] * len(keys)
         return [self._result(binding, key, found.get(key)) for key in keys]
