@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from gateway import Settings, create_app
-from gateway.config import ServiceConfig
+from gateway.config import ResilienceConfig, ServiceConfig
 from mock_services import SERVICES
 from mock_services import create_app as create_service
 
@@ -72,14 +75,105 @@ async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
         yield Shop(apps)
 
 
-def settings_for(shop: Shop, **overrides: Any) -> Settings:
-    services = {name: ServiceConfig(name=name, url=f"http://{name}", **overrides) for name in shop.apps}
-    return Settings(services=services)
+def settings_for(
+    shop: Shop,
+    *,
+    urls: Mapping[str, str] | None = None,
+    per_service: Mapping[str, Mapping[str, Any]] | None = None,
+    resilience: ResilienceConfig | None = None,
+    **overrides: Any,
+) -> Settings:
+    """`overrides` apply to every service, `per_service[name]` to one; `urls` send a
+    service to a real address instead of its in-process app."""
+    urls, per_service = urls or {}, per_service or {}
+    services = {
+        name: ServiceConfig(name=name, url=urls.get(name, f"http://{name}"), **{**overrides, **per_service.get(name, {})})
+        for name in shop.apps
+    }
+    return Settings(services=services, resilience=resilience or ResilienceConfig())
+
+
+@contextlib.asynccontextmanager
+async def gateway_for(
+    shop: Shop, *, clock: Callable[[], float] = time.monotonic, **settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway over `shop`, with `settings_for(shop, **settings)`."""
+    config = settings_for(shop, **settings)
+    transports = {name: t for name, t in shop.transports.items() if name not in (settings.get("urls") or {})}
+    app = create_app(config, transports=transports, clock=clock)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+            yield client
 
 
 @pytest.fixture
 async def gateway(shop: Shop) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings_for(shop), transports=shop.transports)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
-            yield client
+    async with gateway_for(shop) as client:
+        yield client
+
+
+def closed_port_url() -> str:
+    """An address where nothing listens: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def on_a_real_port(app: Any) -> AsyncIterator[str]:
+    """Serve an already started app (its lifespan entered) on a real 127.0.0.1 socket, so
+    httpx's own timeouts apply; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:  # uvicorn offers a flag, not an event
+            await asyncio.sleep(0.005)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+class RawServer:
+    """A TCP server that answers each request with the next of `answers` (raw HTTP/1.1
+    bytes; the last one repeats), then closes the connection, or with `cut` resets it:
+    what a crashing proxy or a dying process sends, which a real service will not."""
+
+    def __init__(self, *answers: bytes, cut: bool = False) -> None:
+        self.answers = answers
+        self.cut = cut
+        self.requests: list[bytes] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        except asyncio.IncompleteReadError:
+            writer.close()
+            return
+        writer.write(self.answers[min(len(self.requests), len(self.answers)) - 1])
+        await writer.drain()
+        if self.cut:
+            writer.transport.abort()  # RST: the body stops short
+        else:
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        try:
+            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+def http_answer(status: str, content_type: str, body: bytes, headers: Mapping[str, str] | None = None,
+                length: int | None = None) -> bytes:
+    """Raw bytes of one HTTP/1.1 response (`length` may lie, for a body cut short)."""
+    head = [f"HTTP/1.1 {status}", f"content-type: {content_type}", f"content-length: {length or len(body)}",
+            "connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
