@@ -155,8 +155,8 @@ class CircuitBreaker:
         self._probing = False
         if new is BreakerState.CLOSED:
             self.failures = 0
-        log.warning("circuit breaker %s: %s -> %s (%d consecutive failures)", self.service, old.value, new.value,
-                    self.failures)
+        why = f" after {self.failures} consecutive failures" if new is BreakerState.OPEN else ""
+        log.warning("circuit breaker %s: %s -> %s%s", self.service, old.value, new.value, why)
         for listener in self.listeners:
             listener(self.service, old, new)
 

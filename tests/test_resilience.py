@@ -302,7 +302,7 @@ async def test_the_breaker_opens_after_consecutive_failures_and_fails_fast(shop:
     assert failures(body) == [(("order", "payment"), "UPSTREAM_UNAVAILABLE", "payments")]
     assert (await shop.calls())["payments"] == []
     assert ready["services"]["payments"]["breaker"] == "open" and ready["services"]["orders"]["breaker"] == "closed"
-    assert ["circuit breaker payments: closed -> open (3 consecutive failures)"] == [r.getMessage() for r in caplog.records]
+    assert ["circuit breaker payments: closed -> open after 3 consecutive failures"] == [r.getMessage() for r in caplog.records]
 
 
 async def test_half_open_sends_exactly_one_probe_then_closes(shop: Shop) -> None:
