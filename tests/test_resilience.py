@@ -257,7 +257,10 @@ async def test_the_retry_budget_caps_retries_across_requests(shop: Shop) -> None
 async def test_writes_are_never_retried(shop: Shop) -> None:
     """A POST that gets a 503 is sent once (a GET under the same fault is sent three times); a healthy POST writes."""
     settings = settings_for(shop, retries=2)
-    upstream = Upstream(settings.services, shop.transports, Resilience(settings.services, settings.resilience))
+    resilience = Resilience(settings.services, settings.resilience)
+    retried: list[tuple[str, int]] = []
+    resilience.on_retry.append(lambda service, attempt, error: retried.append((service, attempt)))
+    upstream = Upstream(settings.services, shop.transports, resilience)
     order = {"customerId": 7, "items": [{"bookId": 12, "quantity": 1, "unitPrice": {"amount": "5.00", "currency": "EUR"},
                                          "titleAtPurchase": "Kept"}]}
     try:
@@ -265,8 +268,10 @@ async def test_writes_are_never_retried(shop: Shop) -> None:
         with pytest.raises(UpstreamUnavailable) as failed:
             await upstream.request("orders", "POST", "/orders", json=order)
         assert failed.value.attempts == 1
-        with pytest.raises(UpstreamUnavailable):
+        assert retried == []
+        with pytest.raises(UpstreamUnavailable) as read:
             await upstream.get_json("orders", "/orders?ids=1")
+        assert read.value.attempts == 3 and retried == [("orders", 1), ("orders", 2)]
         assert [c["method"] for c in (await shop.calls())["orders"]] == ["POST", "GET", "GET", "GET"]
         await shop.faults("orders")
         created = await upstream.request("orders", "POST", "/orders", json=order)
