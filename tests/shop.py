@@ -129,8 +129,11 @@ async def on_a_real_port(app: Any) -> AsyncIterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        while not server.started:  # uvicorn offers a flag, not an event
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(5):
+            while not server.started:  # uvicorn offers a flag, not an event
+                if task.done():
+                    task.result()  # raises why it could not start
+                await asyncio.sleep(0.005)
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
@@ -150,8 +153,9 @@ class RawServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-        except asyncio.IncompleteReadError:
+            async with asyncio.timeout(5):
+                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        except (asyncio.IncompleteReadError, TimeoutError):
             writer.close()
             return
         writer.write(self.answers[min(len(self.requests), len(self.answers)) - 1])
