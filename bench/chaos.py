@@ -214,8 +214,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "recovery_s": {
             # from the restart command to the first answer (sent after it) with nothing missing
             "first_full_answer": round(first_full - restarted, 3) if first_full is not None else None,
-            # from the restart command to the end of the last partial answer: full answers only after that
-            "all_full_after": round(last_partial - restarted, 3) if last_partial is not None else 0.0,
+            # from the restart command to the end of the last partial answer (only full ones after it)
+            "last_partial_answer": round(last_partial - restarted, 3) if last_partial is not None else 0.0,
             "service_process_healthy": round(events["service_healthy"] - restarted, 3),
         },
         "phases": {
