@@ -17,7 +17,9 @@ from starlette.routing import Route
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
 from .feed import FeedFollower
+from .health import MEMORY_CACHE, ReadinessProbe, readyz
 from .loading import Binding
+from .resilience import Resilience
 from .state import GatewayState
 from .upstream import Upstream
 from .view import GatewayGraphQL
@@ -48,10 +50,12 @@ def create_app(
     settings: Settings | None = None,
     *,
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """`transports` replaces the network for some services (tests drive in-process apps);
-    `clock` is the cache's wall clock (tests move it instead of sleeping)."""
+    `clock` is the circuit breakers' and `wall_clock` the cache's (tests move them
+    instead of sleeping through a cool-down or a TTL)."""
     from schema import BINDINGS, schema  # the schema imports the machinery, not the other way round
 
     settings = settings or Settings.from_env()
@@ -62,17 +66,19 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        upstream = Upstream(settings.services, transports)
+        resilience = Resilience(settings.services, settings.resilience, clock=clock)
+        upstream = Upstream(settings.services, transports, resilience)
         redis = None
         if settings.redis_url:
             redis = RedisLevel(settings.redis_url, timeout=settings.redis_timeout, rest=settings.redis_rest)
-        cache = EntityCache(MemoryLevel(settings.cache_max_keys), redis, clock, settings.cache_namespace)
+        cache = EntityCache(MemoryLevel(settings.cache_max_keys), redis, wall_clock, settings.cache_namespace)
         feeds = None
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
             feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait)
             feeds.start()
-        app.state.gateway = GatewayState(settings, upstream, cache, cache_policies, feeds)
+        readiness = [MEMORY_CACHE] + ([ReadinessProbe("caches", "redis", redis.ping)] if redis else [])
+        app.state.gateway = GatewayState(settings, upstream, resilience, cache, cache_policies, feeds, readiness)
         try:
             yield
         finally:
@@ -86,6 +92,7 @@ def create_app(
         routes=[
             Route("/graphql", GatewayGraphQL(schema)),
             Route("/healthz", healthz),
+            Route("/readyz", readyz),
             Route("/", home),
         ],
         lifespan=lifespan,

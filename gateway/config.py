@@ -7,12 +7,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["ServiceConfig", "Settings", "DEFAULT_PORTS"]
+__all__ = ["ServiceConfig", "ResilienceConfig", "Settings", "DEFAULT_PORTS", "MAX_BODY_BYTES"]
 
+MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_PORTS = {"customers": 8101, "catalog": 8102, "inventory": 8103, "orders": 8104, "payments": 8105, "shipping": 8106}
 
 
-def _float(env: Mapping[str, str], key: str, default: float) -> float:
+def _float(env: Mapping[str, str], key: str, default: float, *, zero_ok: bool = False) -> float:
     raw = env.get(key)
     if raw is None or raw == "":
         return default
@@ -20,8 +21,8 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{key} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{key} must be positive, got {raw!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{key} must be {'zero or more' if zero_ok else 'positive'}, got {raw!r}")
     return value
 
 
@@ -33,6 +34,36 @@ class ServiceConfig:
     connect_timeout: float = 0.5
     read_timeout: float = 1.5
     max_connections: int = 50
+    retries: int = 2  # extra attempts of an idempotent read (DESIGN §6)
+    max_body_bytes: int = MAX_BODY_BYTES  # a longer answer is UPSTREAM_BAD_RESPONSE
+
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """The request deadline, retry budget and circuit breakers (DESIGN §6; README's table)."""
+
+    deadline: float = 2.0  # seconds for one whole GraphQL request
+    min_call: float = 0.02  # a call with less time than this left is not started
+    backoff: float = 0.05  # first retry waits up to this (full jitter), doubling each time
+    backoff_max: float = 1.0
+    retry_ratio: float = 0.2  # retries a service may get, per call made to it
+    retry_burst: float = 10.0  # retries saved up for a burst of failures
+    breaker_threshold: int = 5  # consecutive failures that open a service's breaker
+    breaker_cooldown: float = 2.0  # seconds open before one probe is let through
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ResilienceConfig:
+        ms = 1000.0
+        return cls(
+            deadline=_float(env, "BOOKVAULT_DEADLINE_MS", cls.deadline * ms) / ms,
+            min_call=_float(env, "BOOKVAULT_MIN_CALL_MS", cls.min_call * ms) / ms,
+            backoff=_float(env, "BOOKVAULT_RETRY_BACKOFF_MS", cls.backoff * ms) / ms,
+            backoff_max=_float(env, "BOOKVAULT_RETRY_BACKOFF_MAX_MS", cls.backoff_max * ms) / ms,
+            retry_ratio=_float(env, "BOOKVAULT_RETRY_BUDGET_RATIO", cls.retry_ratio, zero_ok=True),
+            retry_burst=_float(env, "BOOKVAULT_RETRY_BUDGET_BURST", cls.retry_burst, zero_ok=True),
+            breaker_threshold=int(_float(env, "BOOKVAULT_BREAKER_THRESHOLD", cls.breaker_threshold)),
+            breaker_cooldown=_float(env, "BOOKVAULT_BREAKER_COOLDOWN_MS", cls.breaker_cooldown * ms) / ms,
+        )
 
 
 @dataclass(frozen=True)
@@ -51,6 +82,7 @@ class Settings:
     identity_header: str = "authorization"
     feed_wait: float = 10.0
     follow_feeds: bool = True
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +97,7 @@ class Settings:
                 max_batch=int(_float(env, f"{key}_MAX_BATCH", 100)),
                 connect_timeout=_float(env, f"{key}_CONNECT_TIMEOUT", 0.5),
                 read_timeout=_float(env, f"{key}_READ_TIMEOUT", 1.5),
+                retries=int(_float(env, f"{key}_RETRIES", 2, zero_ok=True)),
             )
         return cls(
             services=services,
@@ -80,6 +113,7 @@ class Settings:
             identity_header=env.get("BOOKVAULT_IDENTITY_HEADER", "authorization").lower(),
             feed_wait=_float(env, "BOOKVAULT_FEED_WAIT_S", 10),
             follow_feeds=env.get("BOOKVAULT_FOLLOW_FEEDS", "1") not in ("0", "false", "no"),
+            resilience=ResilienceConfig.from_env(env),
         )
 
 

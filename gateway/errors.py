@@ -15,6 +15,7 @@ __all__ = [
     "NotFound",
     "UpstreamError",
     "UpstreamUnavailable",
+    "CircuitOpen",
     "UpstreamTimeout",
     "UpstreamBadResponse",
 ]
@@ -44,16 +45,29 @@ class NotFound(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """A service could not give a usable answer."""
+    """A service could not give a usable answer.
+
+    `retryable`: the same read may succeed if sent again (refused or dropped connection,
+    502/503/504/429); `retry_after`: seconds the service asked us to wait; `attempts`: how
+    many times the call was sent before giving up (0: never sent). None of these reach the
+    client: `extensions` stays {code, service}."""
 
     service: str
 
-    def __init__(self, message: str, *, service: str) -> None:
+    def __init__(self, message: str, *, service: str, retryable: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message, service=service)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.attempts = 0
 
 
 class UpstreamUnavailable(UpstreamError):
     code = "UPSTREAM_UNAVAILABLE"
+
+
+class CircuitOpen(UpstreamUnavailable):
+    """The service's circuit breaker is open: failed fast, nothing was sent. A cache layer
+    catches `UpstreamUnavailable` (this included) to serve a stale entry instead."""
 
 
 class UpstreamTimeout(UpstreamError):

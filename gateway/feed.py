@@ -61,7 +61,7 @@ class FeedFollower:
             await self._advanced.wait_for(lambda: self.cursors.get(service, -1) >= seq)
 
     async def _read(self, service: str, after: int, wait: float) -> tuple[list[dict[str, Any]], int, int]:
-        page = await self.upstream.get_json(service, f"/events?after={after}&limit=500&wait={wait:g}", timeout=wait + 5)
+        page = await self.upstream.poll(service, f"/events?after={after}&limit=500&wait={wait:g}", timeout=wait + 5)
         try:
             return list(page["events"]), int(page["next"]), int(page["latest"])
         except (KeyError, TypeError, ValueError):

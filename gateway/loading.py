@@ -20,6 +20,7 @@ from strawberry.types import Info
 
 from .cache import CachePolicy, EntityCache, Entry
 from .errors import NotFound, UpstreamBadResponse, UpstreamError
+from .resilience import Deadline
 from .upstream import Upstream
 
 __all__ = ["Binding", "Loaders", "Stale", "contract", "resolve", "resolve_each"]
@@ -60,7 +61,8 @@ class Stale:
 
 
 class Loaders:
-    """The DataLoaders of one GraphQL request, one per binding, created on first use."""
+    """The DataLoaders of one GraphQL request, one per binding, created on first use;
+    every call they make shares the request's `deadline`."""
 
     def __init__(
         self,
@@ -68,11 +70,13 @@ class Loaders:
         cache: EntityCache | None = None,
         identity: str | None = None,
         policies: Mapping[str, CachePolicy] | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.upstream = upstream
         self.cache = cache
         self.identity = identity
         self.policies = policies or {}
+        self.deadline = deadline
         self._loaders: dict[str, DataLoader[int, Any]] = {}
 
     def load(self, binding: Binding, key: int) -> Any:
@@ -84,7 +88,7 @@ class Loaders:
 
     async def page(self, binding: Binding, url: str) -> dict[str, Any]:
         """A non-batch read (a cursor page) of `binding`'s entities, parsed."""
-        body = await self.upstream.get_json(binding.service, url)
+        body = await self.upstream.get_json(binding.service, url, deadline=self.deadline)
         _index(body, binding)
         with contract(binding.service, f"{binding.entity} page"):
             return {**body, "data": [binding.parse(item) for item in body["data"]]}
@@ -137,7 +141,7 @@ class Loaders:
         """One batch call; per key the payload (or None), or the error for every key."""
         url = f"{binding.path}?{binding.param}={','.join(map(str, keys))}"
         try:
-            found = _index(await self.upstream.get_json(binding.service, url), binding)
+            found = _index(await self.upstream.get_json(binding.service, url, deadline=self.deadline), binding)
         except UpstreamError as exc:
             return [exc] * len(keys)
         if raw:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
 from .cache import CachePolicy, EntityCache
 from .config import Settings
 from .feed import FeedFollower
+from .health import ReadinessProbe
+from .resilience import Resilience
 from .upstream import Upstream
 
 __all__ = ["GatewayState", "gateway_state"]
@@ -18,9 +20,12 @@ __all__ = ["GatewayState", "gateway_state"]
 class GatewayState:
     settings: Settings
     upstream: Upstream
+    resilience: Resilience  # the services' breakers and retry budgets (upstream's too)
     cache: EntityCache
     policies: dict[str, CachePolicy]
     feeds: FeedFollower | None
+    # What /readyz checks besides the breakers; backends (caches...) append theirs.
+    readiness: list[ReadinessProbe] = field(default_factory=list)
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -1,21 +1,22 @@
 """Every HTTP call to the services goes through here: pooled clients per service with
 their own timeouts and connection limits, a cap on body size, and the one place where
-httpx's exceptions become the gateway's (`raise ... from exc`)."""
+httpx's exceptions become the gateway's (`raise ... from exc`). Each call runs under
+`resilience` (deadline, breaker, retries of reads; DESIGN §6)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import httpx
 
-from .config import ServiceConfig
+from .config import MAX_BODY_BYTES, ResilienceConfig, ServiceConfig
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
 
 __all__ = ["Upstream", "MAX_BODY_BYTES"]
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def _is_json(content_type: str) -> bool:
@@ -30,8 +31,10 @@ class Upstream:
         self,
         services: Mapping[str, ServiceConfig],
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        resilience: Resilience | None = None,
     ) -> None:
         self.services = dict(services)
+        self.resilience = resilience or Resilience(self.services, ResilienceConfig())
         transports = transports or {}
         self._clients = {
             name: httpx.AsyncClient(
@@ -51,31 +54,56 @@ class Upstream:
         for client in self._clients.values():
             await client.aclose()
 
-    async def get_json(self, service: str, url: str, *, timeout: float | None = None) -> Any:
-        """GET a JSON document, or raise an `UpstreamError` naming the service."""
+    async def get_json(self, service: str, url: str, *, deadline: Deadline | None = None) -> Any:
+        """GET a JSON document, or raise an `UpstreamError` naming the service. A read:
+        retried on refused or dropped connections and 429/502/503/504, within `deadline`."""
+        return await self.resilience.call(service, partial(self._send, service, "GET", url, None),
+                                          deadline=deadline, retry=True)
+
+    async def request(self, service: str, method: str, url: str, *, json: Any = None,
+                      deadline: Deadline | None = None) -> Any:
+        """A write (or any call that must not be repeated): sent at most once, never retried."""
+        return await self.resilience.call(service, partial(self._send, service, method, url, json),
+                                          deadline=deadline, retry=False)
+
+    async def poll(self, service: str, url: str, *, timeout: float) -> Any:
+        """A long-poll (the change feed): one attempt with its own timeout, outside the
+        request path, so neither a breaker nor a request's deadline applies to it."""
+        return await self._send(service, "GET", url, None, None, timeout=timeout)
+
+    async def _send(self, service: str, method: str, url: str, payload: Any, budget_ms: int | None,
+                    timeout: float | None = None) -> Any:
+        """One exchange, told upstream how long it may take."""
         client = self._clients[service]
-        extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=self.services[service].connect_timeout)}
+        extra: dict[str, Any] = {}
+        if budget_ms is not None:
+            extra["headers"] = {DEADLINE_HEADER: str(budget_ms)}
+        if timeout is not None:
+            extra["timeout"] = httpx.Timeout(timeout, connect=self.services[service].connect_timeout)
         try:
-            async with client.stream("GET", url, **extra) as response:
+            async with client.stream(method, url, json=payload, **extra) as response:
                 body = await self._read(response, service)
         except UpstreamError:
             raise
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"{service} did not answer in time", service=service) from exc
-        except httpx.HTTPError as exc:  # refused, reset mid-body, protocol violations
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset, dropped mid-body
+            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service,
+                                      retryable=True) from exc
+        except httpx.HTTPError as exc:  # other protocol violations
             raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service) from exc
         return self._decode(response, body, service)
 
-    @staticmethod
-    async def _read(response: httpx.Response, service: str) -> bytes:
+    async def _read(self, response: httpx.Response, service: str) -> bytes:
+        cap = self.services[service].max_body_bytes
         declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise UpstreamBadResponse(f"{service} sent a body over {MAX_BODY_BYTES} bytes", service=service)
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise UpstreamBadResponse(f"{service} sent a body over {cap} bytes", service=service)
         chunks, size = [], 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise UpstreamBadResponse(f"{service} sent a body over {MAX_BODY_BYTES} bytes", service=service)
+            if size > cap:
+                raise UpstreamBadResponse(f"{service} sent a body over {cap} bytes", service=service)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -83,8 +111,12 @@ class Upstream:
     def _decode(response: httpx.Response, body: bytes, service: str) -> Any:
         status = response.status_code
         if status >= 500 or status == 429:
-            raise UpstreamUnavailable(f"{service} answered {status}", service=service)
-        if status != 200:
+            raise UpstreamUnavailable(f"{service} answered {status}", service=service,
+                                      retryable=status in RETRYABLE_STATUSES,
+                                      retry_after=parse_retry_after(response.headers.get("retry-after")))
+        if status == 204:
+            return None
+        if not 200 <= status < 300:
             raise UpstreamBadResponse(f"{service} answered {status}", service=service)
         if not _is_json(response.headers.get("content-type", "")):
             raise UpstreamBadResponse(f"{service} answered with a non-JSON body", service=service)

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from .context import RequestContext
 from .errors import GatewayError
 from .loading import Loaders
+from .resilience import DEADLINE_HEADER, Deadline, partial_result
 from .state import gateway_state
 
 __all__ = ["GatewayGraphQL", "MaskInternalErrors", "GRAPHQL_RESPONSE"]
@@ -69,7 +70,9 @@ class MaskInternalErrors(MaskErrors):
 class GatewayGraphQL(GraphQL[RequestContext, None]):
     async def get_context(self, request: Request, response: Response) -> RequestContext:  # type: ignore[override]
         state = gateway_state(request)
-        loaders = Loaders(state.upstream, state.cache, identity(request, state.settings.identity_header), state.policies)
+        deadline = Deadline.for_request(state.settings.resilience.deadline, request.headers.get(DEADLINE_HEADER))
+        loaders = Loaders(state.upstream, state.cache, identity(request, state.settings.identity_header), state.policies,
+                          deadline)
         context = RequestContext(request, response, loaders, negotiate(request.headers.get("accept")))
         request.scope[_CONTEXT] = context
         return context
@@ -77,6 +80,7 @@ class GatewayGraphQL(GraphQL[RequestContext, None]):
     async def process_result(self, request: Request, result: ExecutionResult) -> GraphQLHTTPResponse:
         body = process_result(result)
         context: RequestContext = request.scope[_CONTEXT]
+        context.extensions.update(partial_result(e.extensions for e in result.errors or () if e.path))
         if context.extensions:
             body["extensions"] = {**body.get("extensions", {}), **context.extensions}
         if context.media_type == GRAPHQL_RESPONSE and result.data is None and result.errors and all(

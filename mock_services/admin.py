@@ -36,6 +36,8 @@ class Faults(BaseModel):
     # Only requests whose path starts with one of these are affected (all when unset),
     # so a test can break /books while the change feed keeps flowing.
     paths: list[str] | None = None
+    # Only this many requests are affected, then the service recovers (always when unset).
+    count: int | None = Field(None, ge=0)
 
 
 @dataclass
@@ -43,9 +45,11 @@ class AdminState:
     faults: Faults = field(default_factory=Faults)
     stats: list[dict[str, Any]] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    faulted: int = 0  # requests affected since the faults were set
 
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
+        self.faulted = 0
         # Wake requests hung by the previous setting; they go on to be served.
         self.released.set()
         self.released = asyncio.Event()
@@ -68,6 +72,7 @@ class AdminMiddleware:
         if scope["type"] != "http" or scope["path"].startswith("/_admin"):
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
         record: dict[str, Any] = {
             "method": scope["method"],
             "path": scope["path"],
@@ -76,7 +81,8 @@ class AdminMiddleware:
             "start": time.monotonic(),
             "end": None,
             "status": None,
-            "traceparent": dict(scope["headers"]).get(b"traceparent", b"").decode("latin-1") or None,
+            "traceparent": headers.get(b"traceparent", b"").decode("latin-1") or None,
+            "deadlineMs": headers.get(b"x-request-deadline-ms", b"").decode("latin-1") or None,
         }
         self.state.stats.append(record)
 
@@ -102,9 +108,11 @@ class AdminMiddleware:
 
     async def _with_faults(self, scope: Scope, receive: Receive, send: Send) -> None:
         faults = self.state.faults
-        if faults.paths is not None and not any(scope["path"].startswith(p) for p in faults.paths):
+        spent = faults.count is not None and self.state.faulted >= faults.count
+        if spent or (faults.paths is not None and not any(scope["path"].startswith(p) for p in faults.paths)):
             await self.app(scope, receive, send)
             return
+        self.state.faulted += 1
         delay = faults.latencyMs + random.uniform(0, faults.jitterMs)
         if delay:
             await asyncio.sleep(delay / 1000)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from gateway import Settings, create_app
-from gateway.config import ServiceConfig
+from gateway.config import ResilienceConfig, ServiceConfig
 from mock_services import SERVICES
 from mock_services import create_app as create_service
 
@@ -72,27 +75,136 @@ async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
         yield Shop(apps)
 
 
-def settings_for(shop: Shop, **overrides: Any) -> Settings:
-    services = {name: ServiceConfig(name=name, url=f"http://{name}") for name in shop.apps}
-    return Settings(services=services, **overrides)
+def settings_for(
+    shop: Shop,
+    *,
+    urls: Mapping[str, str] | None = None,
+    per_service: Mapping[str, Mapping[str, Any]] | None = None,
+    gateway: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """`overrides` apply to every service, `per_service[name]` to one; `urls` send a
+    service to a real address instead of its in-process app; `gateway` sets Settings fields."""
+    urls, per_service = urls or {}, per_service or {}
+    services = {
+        name: ServiceConfig(name=name, url=urls.get(name, f"http://{name}"), **{**overrides, **per_service.get(name, {})})
+        for name in shop.apps
+    }
+    return Settings(services=services, **(gateway or {}))
 
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    shop: Shop, transports: dict[str, httpx.AsyncBaseTransport] | None = None, clock: Any = None, **settings: Any
+    shop: Shop,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    *,
+    clock: Callable[[], float] | None = None,
+    wall_clock: Callable[[], float] | None = None,
+    wait_feeds: bool = True,
+    urls: Mapping[str, str] | None = None,
+    per_service: Mapping[str, Mapping[str, Any]] | None = None,
+    service: Mapping[str, Any] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    """A gateway app over `shop` (lifespan running) and a client for it."""
-    extra = {"clock": clock} if clock is not None else {}
-    app = create_app(settings_for(shop, **settings), transports={**shop.transports, **(transports or {})}, **extra)
+    """A gateway app over `shop` (lifespan running) and a client for it. `settings` are
+    Settings fields, `service` ServiceConfig fields for every service."""
+    config = settings_for(shop, urls=urls, per_service=per_service, gateway=settings, **(service or {}))
+    inner = {name: t for name, t in shop.transports.items() if name not in (urls or {})}
+    clocks = {k: v for k, v in (("clock", clock), ("wall_clock", wall_clock)) if v is not None}
+    app = create_app(config, transports={**inner, **(transports or {})}, **clocks)
     async with app.router.lifespan_context(app):
-        if app.state.gateway.feeds is not None:
+        if wait_feeds and app.state.gateway.feeds is not None:
             # A follower that starts late may still drop entries another gateway wrote.
             await asyncio.wait_for(app.state.gateway.feeds.started(), 10)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
             yield client, app
 
 
+@contextlib.asynccontextmanager
+async def gateway_for(
+    shop: Shop, *, clock: Callable[[], float] = time.monotonic, resilience: ResilienceConfig | None = None,
+    urls: Mapping[str, str] | None = None, per_service: Mapping[str, Mapping[str, Any]] | None = None,
+    **service: Any,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway over `shop`; `service` fields apply to every service. No change
+    feeds are followed: their polls would count as calls to the services under test."""
+    async with running_gateway(shop, clock=clock, urls=urls, per_service=per_service, service=service,
+                               resilience=resilience or ResilienceConfig(), follow_feeds=False) as (client, _):
+        yield client
+
+
 @pytest.fixture
 async def gateway(shop: Shop) -> AsyncIterator[httpx.AsyncClient]:
     async with running_gateway(shop) as (client, _):
         yield client
+
+
+def closed_port_url() -> str:
+    """An address where nothing listens: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def on_a_real_port(app: Any) -> AsyncIterator[str]:
+    """Serve an already started app (its lifespan entered) on a real 127.0.0.1 socket, so
+    httpx's own timeouts apply; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(5):
+            while not server.started:  # uvicorn offers a flag, not an event
+                if task.done():
+                    task.result()  # raises why it could not start
+                await asyncio.sleep(0.005)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+class RawServer:
+    """A TCP server that answers each request with the next of `answers` (raw HTTP/1.1
+    bytes; the last one repeats), then closes the connection, or with `cut` resets it:
+    what a crashing proxy or a dying process sends, which a real service will not."""
+
+    def __init__(self, *answers: bytes, cut: bool = False) -> None:
+        self.answers = answers
+        self.cut = cut
+        self.requests: list[bytes] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+        except (asyncio.IncompleteReadError, TimeoutError):
+            writer.close()
+            return
+        writer.write(self.answers[min(len(self.requests), len(self.answers)) - 1])
+        await writer.drain()
+        if self.cut:
+            writer.transport.abort()  # RST: the body stops short
+        else:
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        try:
+            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+def http_answer(status: str, content_type: str, body: bytes, headers: Mapping[str, str] | None = None,
+                length: int | None = None) -> bytes:
+    """Raw bytes of one HTTP/1.1 response (`length` may lie, for a body cut short)."""
+    head = [f"HTTP/1.1 {status}", f"content-type: {content_type}", f"content-length: {length or len(body)}",
+            "connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body

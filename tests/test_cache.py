@@ -149,7 +149,7 @@ async def test_two_gateways_sharing_redis_serve_a_change_fresh(shop: Shop, names
 async def test_stale_books_are_served_when_the_catalog_fails_until_max_stale(shop: Shop) -> None:
     """Past the TTL a failing catalog gets stale books marked in extensions; past max-stale, null and the error."""
     clock = Clock()
-    async with running_gateway(shop, clock=clock, cache_overrides={"book": (30.0, 600.0)}) as (client, _):
+    async with running_gateway(shop, wall_clock=clock, cache_overrides={"book": (30.0, 600.0)}) as (client, _):
         fresh = await ask(client, '{ books(ids: ["1", "2"]) { id title } }')
         await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/books"])
         clock.now += 31
