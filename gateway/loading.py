@@ -14,6 +14,7 @@ from typing import Any
 from strawberry.dataloader import DataLoader
 
 from .errors import NotFound, UpstreamBadResponse, UpstreamError
+from .telemetry import batch_span
 from .upstream import Upstream
 
 __all__ = ["Binding", "Loaders", "contract"]
@@ -58,15 +59,17 @@ class Loaders:
 
     async def page(self, binding: Binding, url: str) -> dict[str, Any]:
         """A non-batch read (a cursor page) of `binding`'s entities, parsed."""
-        body = await self.upstream.get_json(binding.service, url)
-        _index(body, binding)
+        with batch_span(binding.service, binding.path):
+            body = await self.upstream.get_json(binding.service, url)
+            _index(body, binding)
         with contract(binding.service, f"{binding.entity} page"):
             return {**body, "data": [binding.parse(item) for item in body["data"]]}
 
     async def _fetch(self, binding: Binding, keys: list[int]) -> list[Any]:
         url = f"{binding.path}?{binding.param}={','.join(map(str, keys))}"
         try:
-            found = _index(await self.upstream.get_json(binding.service, url), binding)
+            with batch_span(binding.service, binding.path, len(keys)):
+                found = _index(await self.upstream.get_json(binding.service, url), binding)
         except UpstreamError as exc:
             return [exc] * len(keys)
         return [self._result(binding, key, found.get(key)) for key in keys]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from starlette.requests import HTTPConnection
 
 from .config import Settings
+from .telemetry import Telemetry
 from .upstream import Upstream
 
 __all__ = ["GatewayState", "gateway_state"]
@@ -16,6 +17,7 @@ __all__ = ["GatewayState", "gateway_state"]
 class GatewayState:
     settings: Settings
     upstream: Upstream
+    telemetry: Telemetry
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -12,6 +12,7 @@ import httpx
 
 from .config import ServiceConfig
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .telemetry import httpx_event_hooks
 
 __all__ = ["Upstream", "MAX_BODY_BYTES"]
 
@@ -40,6 +41,7 @@ class Upstream:
                 limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections),
                 transport=transports.get(name),
                 headers={"accept": "application/json", "user-agent": "bookvault-gateway"},
+                event_hooks=httpx_event_hooks(),
             )
             for name, cfg in self.services.items()
         }

@@ -61,15 +61,22 @@ class Shop:
             (await client.post("/_admin/faults", json=faults)).raise_for_status()
 
 
-@pytest.fixture
-async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
+@contextlib.asynccontextmanager
+async def running_shop(seeded_dir: Path, tmp_path: Path, **options: Any) -> AsyncIterator[Shop]:
+    """The six services on a copy of the seeded data; `options` go to each service's app."""
     data = tmp_path / "data"
     shutil.copytree(seeded_dir, data)
-    apps = {name: create_service(spec, data_dir=data, admin=True) for name, spec in SERVICES.items()}
+    apps = {name: create_service(spec, data_dir=data, admin=True, **options) for name, spec in SERVICES.items()}
     async with contextlib.AsyncExitStack() as stack:
         for app in apps.values():
             await stack.enter_async_context(app.router.lifespan_context(app))
         yield Shop(apps)
+
+
+@pytest.fixture
+async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
+    async with running_shop(seeded_dir, tmp_path) as shop:
+        yield shop
 
 
 def settings_for(shop: Shop, **overrides: Any) -> Settings:
@@ -77,9 +84,16 @@ def settings_for(shop: Shop, **overrides: Any) -> Settings:
     return Settings(services=services)
 
 
-@pytest.fixture
-async def gateway(shop: Shop) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings_for(shop), transports=shop.transports)
+@contextlib.asynccontextmanager
+async def gateway_client(shop: Shop, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A started gateway in front of `shop`; `options` go to `create_app`."""
+    app = create_app(settings_for(shop), transports=shop.transports, **options)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
             yield client
+
+
+@pytest.fixture
+async def gateway(shop: Shop) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_client(shop) as client:
+        yield client
