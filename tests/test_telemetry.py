@@ -146,6 +146,28 @@ async def test_a_failing_service_is_the_red_span(traced: httpx.AsyncClient, shop
     assert operation.attributes["bookvault.graphql.outcome"] == "partial"
 
 
+async def test_one_trace_runs_from_the_operation_to_each_services_database(
+    seeded_dir: Path, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """With the services traced too, each service's request span hangs under the gateway's call, its SQL under that."""
+    async with running_shop(seeded_dir, tmp_path, tracer_provider=recording(spans)) as traced_shop:
+        async with gateway_client(traced_shop, tracer_provider=recording(spans)) as client:
+            await order_page(client)
+    finished = spans.get_finished_spans()
+    assert len({s.context.trace_id for s in finished}) == 1
+    by_id = {s.context.span_id: s for s in finished}
+    calls = [s for s in of_kind(finished, SpanKind.CLIENT) if "peer.service" in s.attributes]
+    handled = [s for s in of_kind(finished, SpanKind.SERVER) if s.name != "POST /graphql"]
+    assert sorted((call_key(by_id[parent_id(s)]), s.name) for s in handled) == sorted(
+        (key, f"GET {key[1]}") for key in ORDER_PAGE_CALLS)
+    queries = [s for s in of_kind(finished, SpanKind.CLIENT) if "db.query.text" in s.attributes]
+    for span in handled:
+        service = by_id[parent_id(span)].attributes["peer.service"]
+        selects = [q for q in queries if parent_id(q) == span.context.span_id and q.attributes["db.operation.name"] == "SELECT"]
+        assert selects and all(q.attributes["db.namespace"] == service for q in selects), span.name
+    assert {parent_id(q) for q in queries} <= {s.context.span_id for s in handled}
+
+
 async def test_services_receive_a_traceparent_with_the_gateways_trace_id(
     traced: httpx.AsyncClient, shop: Shop, spans: InMemorySpanExporter
 ) -> None:
