@@ -235,9 +235,7 @@ async def test_without_an_exporter_nothing_is_sent_yet_responses_carry_a_trace_i
     """No endpoint (or OTEL_TRACES_EXPORTER=none): no export is attempted, and the trace id still reaches the client."""
     exported: list[Any] = []
     monkeypatch.setattr(OTLPSpanExporter, "export", lambda self, batch: exported.append(batch))
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
+    for name, value in env.items():  # conftest has cleared the OTEL_* variables
         monkeypatch.setenv(name, value)
     async with gateway_client(shop) as client:
         response = await order_page(client)
