@@ -7,7 +7,7 @@ loopback), seeded on first start. Three gateways run side by side in this proces
 configured only through the OTEL_* variables, as in production:
 
   disabled  OTEL_SDK_DISABLED=true: no spans at all (the floor)
-  off       no endpoint: spans made for the trace id, nothing exported (the default)
+  off       no endpoint (the default): nothing recorded or exported, trace ids still made
   on        OTEL_EXPORTER_OTLP_ENDPOINT set to a local OTLP/HTTP receiver: every span exported
 
 Each round gives every gateway one short window of load (in rotated order), driven in
