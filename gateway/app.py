@@ -3,24 +3,29 @@ the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
 
 import httpx
+from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
 from .feed import FeedFollower
 from .health import MEMORY_CACHE, ReadinessProbe, readyz
 from .loading import Binding
-from .resilience import Resilience
-from .state import GatewayState
+from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
+from .resilience import BreakerState, Resilience
+from .state import GatewayState, gateway_state
+from .telemetry import Telemetry, TelemetryMiddleware, annotate, tracer_provider_from_env
 from .upstream import Upstream
 from .view import GatewayGraphQL
 
@@ -44,6 +49,28 @@ def policies(settings: Settings, bindings: Iterable[Binding]) -> dict[str, Cache
         out[binding.entity] = replace(binding.policy, ttl=binding.policy.ttl if ttl is None else ttl,
                                       max_stale=binding.policy.max_stale if stale is None else stale)
     return out
+async def metrics(request: Request) -> Response:
+    return Response(gateway_state(request).telemetry.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def _telemetry(scope: Scope) -> Telemetry:
+    return scope["app"].state.gateway.telemetry
+
+
+def _observe(resilience: Resilience, telemetry: Telemetry) -> None:
+    """Retries go on the batch span and /metrics; breaker changes move their gauge."""
+
+    def retried(service: str, attempt: int, error: Exception) -> None:
+        annotate(retries=attempt)
+        record_retry(service)
+
+    def moved(service: str, old: BreakerState, new: BreakerState) -> None:
+        telemetry.metrics.breaker.labels(service).set(BREAKER_STATES[new.value])
+        annotate(breaker_state=new.value)
+
+    resilience.on_retry.append(retried)
+    for breaker in resilience.breakers.values():
+        breaker.listeners.append(moved)
 
 
 def create_app(
@@ -52,10 +79,12 @@ def create_app(
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    tracer_provider: TracerProvider | None = None,
 ) -> Starlette:
     """`transports` replaces the network for some services (tests drive in-process apps);
     `clock` is the circuit breakers' and `wall_clock` the cache's (tests move them
-    instead of sleeping through a cool-down or a TTL)."""
+    instead of sleeping through a cool-down or a TTL); `tracer_provider` replaces the one
+    made from the OTEL_* variables (tests record spans)."""
     from schema import BINDINGS, schema  # the schema imports the machinery, not the other way round
 
     settings = settings or Settings.from_env()
@@ -66,7 +95,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        telemetry = Telemetry(settings.services, tracer_provider or tracer_provider_from_env())
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
+        _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)
         redis = None
         if settings.redis_url:
@@ -78,7 +109,9 @@ def create_app(
             feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait)
             feeds.start()
         readiness = [MEMORY_CACHE] + ([ReadinessProbe("caches", "redis", redis.ping)] if redis else [])
-        app.state.gateway = GatewayState(settings, upstream, resilience, cache, cache_policies, feeds, readiness)
+        app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
+                                         policies=cache_policies, feeds=feeds, telemetry=telemetry,
+                                         readiness=readiness)
         try:
             yield
         finally:
@@ -87,12 +120,15 @@ def create_app(
             await upstream.aclose()
             if redis is not None:
                 await redis.close()
+            if tracer_provider is None:  # ours: export what is still buffered, off the event loop
+                await asyncio.to_thread(telemetry.tracer_provider.shutdown)
 
     return Starlette(
         routes=[
-            Route("/graphql", GatewayGraphQL(schema)),
+            Route("/graphql", TelemetryMiddleware(GatewayGraphQL(schema), _telemetry)),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics),
             Route("/", home),
         ],
         lifespan=lifespan,

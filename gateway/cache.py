@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 from aiocache import RedisCache, SimpleMemoryCache
 
+from .metrics import record_cache
+
 __all__ = ["CachePolicy", "Entry", "EntityCache", "MemoryLevel", "RedisLevel", "FORMAT"]
 
 log = logging.getLogger("bookvault.cache")
@@ -261,20 +263,6 @@ class RedisLevel:
             return False
 
 
-@dataclass
-class CacheStats:
-    hits: dict[tuple[str, str], int] = field(default_factory=dict)  # (entity, level) -> count
-    misses: dict[str, int] = field(default_factory=dict)
-
-    def hit(self, entity: str, level: str, n: int) -> None:
-        if n:
-            self.hits[entity, level] = self.hits.get((entity, level), 0) + n
-
-    def miss(self, entity: str, n: int) -> None:
-        if n:
-            self.misses[entity] = self.misses.get(entity, 0) + n
-
-
 class EntityCache:
     """L1, then L2, for (entity, id) in a scope; knows nothing of what the entities are."""
 
@@ -284,7 +272,6 @@ class EntityCache:
         self.memory = memory
         self.redis = redis
         self.clock = clock
-        self.stats = CacheStats()
         # Entries fetched before this moment are not trusted as fresh: their service's
         # change feed could not be read since, so a change may have been missed.
         self._trusted_after: dict[str, float] = {}
@@ -302,19 +289,20 @@ class EntityCache:
     async def get_many(self, entity: str, scope: str, ids: list[int], policy: CachePolicy) -> dict[int, Entry]:
         keys = [self.key(entity, i) for i in ids]
         found = {i: e for i, e in zip(ids, await self.memory.get_many(keys, scope), strict=True) if e is not None}
-        self.stats.hit(entity, "l1", len(found))
         rest = [i for i in ids if i not in found]
+        record_cache(entity, "l1", True, len(found))
+        record_cache(entity, "l1", False, len(rest))
         if rest and self.redis is not None:
             try:
                 remote = await self.redis.get_many([self.key(entity, i) for i in rest], scope)
             except RedisUnavailable:
                 remote = []
             promoted = {i: e for i, e in zip(rest, remote, strict=False) if e is not None}
-            self.stats.hit(entity, "l2", len(promoted))
+            record_cache(entity, "l2", True, len(promoted))
+            record_cache(entity, "l2", False, len(rest) - len(promoted))
             for i, entry in promoted.items():
                 await self.memory.put(self.key(entity, i), scope, entry, policy.ttl + policy.max_stale)
             found.update(promoted)
-        self.stats.miss(entity, len(ids) - len(found))
         return found
 
     async def put_many(self, entity: str, scope: str, entries: dict[int, Entry], policy: CachePolicy) -> None:

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gateway":
         import uvicorn
 
+        from .logs import configure
+
+        configure()  # one JSON line per request, on stderr
         uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port, log_level="warning")
         return 0
     if args.command == "schema":

@@ -21,6 +21,8 @@ from strawberry.types import Info
 from .cache import CachePolicy, EntityCache, Entry
 from .errors import NotFound, UpstreamBadResponse, UpstreamError
 from .resilience import Deadline
+from .metrics import record_stale
+from .telemetry import annotate, batch_span, failed
 from .upstream import Upstream
 
 __all__ = ["Binding", "Loaders", "Stale", "contract", "resolve", "resolve_each"]
@@ -88,8 +90,9 @@ class Loaders:
 
     async def page(self, binding: Binding, url: str) -> dict[str, Any]:
         """A non-batch read (a cursor page) of `binding`'s entities, parsed."""
-        body = await self.upstream.get_json(binding.service, url, deadline=self.deadline)
-        _index(body, binding)
+        with batch_span(binding.service, binding.path):
+            body = await self.upstream.get_json(binding.service, url, deadline=self.deadline)
+            _index(body, binding)
         with contract(binding.service, f"{binding.entity} page"):
             return {**body, "data": [binding.parse(item) for item in body["data"]]}
 
@@ -103,6 +106,10 @@ class Loaders:
         return policy, "public"
 
     async def _fetch(self, binding: Binding, keys: list[int]) -> list[Any]:
+        with batch_span(binding.service, binding.path, len(keys)):
+            return await self._fetch_batch(binding, keys)
+
+    async def _fetch_batch(self, binding: Binding, keys: list[int]) -> list[Any]:
         scoped = self._scope(binding)
         if scoped is None:
             return await self._fetch_upstream(binding, keys)
@@ -111,6 +118,7 @@ class Loaders:
         cached = await self.cache.get_many(binding.entity, scope, keys, policy)
         fresh = {k: e for k, e in cached.items() if self.cache.fresh(e, policy)}
         need = [k for k in keys if k not in fresh]
+        annotate(cache_hits=len(fresh), cache_misses=len(need))
         fetched = dict(zip(need, await self._fetch_upstream(binding, need, raw=True), strict=True)) if need else {}
         now = self.cache.clock()
         entries = {}
@@ -135,6 +143,9 @@ class Loaders:
                 results.append(self._result(binding, key, entry.payload))
             else:
                 results.append(got if isinstance(got, Exception) else self._result(binding, key, got))
+        if stale := sum(isinstance(r, Stale) for r in results):
+            annotate(stale_served=stale)
+            record_stale(binding.entity, stale)
         return results
 
     async def _fetch_upstream(self, binding: Binding, keys: list[int], raw: bool = False) -> list[Any]:
@@ -143,6 +154,7 @@ class Loaders:
         try:
             found = _index(await self.upstream.get_json(binding.service, url, deadline=self.deadline), binding)
         except UpstreamError as exc:
+            failed(exc)
             return [exc] * len(keys)
         if raw:
             return [found.get(key) for key in keys]

@@ -11,6 +11,7 @@ from .config import Settings
 from .feed import FeedFollower
 from .health import ReadinessProbe
 from .resilience import Resilience
+from .telemetry import Telemetry
 from .upstream import Upstream
 
 __all__ = ["GatewayState", "gateway_state"]
@@ -24,6 +25,7 @@ class GatewayState:
     cache: EntityCache
     policies: dict[str, CachePolicy]
     feeds: FeedFollower | None
+    telemetry: Telemetry
     # What /readyz checks besides the breakers; backends (caches...) append theirs.
     readiness: list[ReadinessProbe] = field(default_factory=list)
 

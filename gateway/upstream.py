@@ -15,6 +15,7 @@ import httpx
 from .config import MAX_BODY_BYTES, ResilienceConfig, ServiceConfig
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
+from .telemetry import httpx_event_hooks
 
 __all__ = ["Upstream", "MAX_BODY_BYTES"]
 
@@ -43,6 +44,7 @@ class Upstream:
                 limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections),
                 transport=transports.get(name),
                 headers={"accept": "application/json", "user-agent": "bookvault-gateway"},
+                event_hooks=httpx_event_hooks(),
             )
             for name, cfg in self.services.items()
         }

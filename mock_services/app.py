@@ -3,6 +3,7 @@ endpoints (health, meta, feed, OpenAPI) and, with ``admin``, faults and stats.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import TracerProvider
 from sqlalchemy import MetaData, Table, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.applications import Starlette
@@ -25,6 +27,7 @@ from .demo_data import Shop, shop
 from .errors import BadRequest, exception_handlers
 from .models import EventPage, Meta
 from .params import parse_int
+from .telemetry import ServerSpans, trace_queries, tracer_provider_from_env
 
 __all__ = ["ServiceSpec", "create_app", "database_url"]
 
@@ -101,12 +104,16 @@ def create_app(
     scale: int = 1,
     admin: bool = False,
     max_batch: int = 100,
+    tracer_provider: TracerProvider | None = None,
 ) -> Starlette:
+    """`tracer_provider` replaces the one made from the OTEL_* variables (tests record spans)."""
     url = database or database_url(spec.name, data_dir)
     api = Api(spec.name)
     spec.routes(api)
     _shared_routes(api, spec)
     state = AdminState()
+    provider = tracer_provider or tracer_provider_from_env(spec.name)  # None: no tracing, no cost
+    tracer = provider.get_tracer("bookvault.services") if provider else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -114,16 +121,22 @@ def create_app(
             Path(data_dir).mkdir(parents=True, exist_ok=True)
         db = Database(url, spec.metadata)
         await db.create(_seeder(spec, scale))
+        if tracer:  # after seeding: a first start's inserts belong to no request
+            trace_queries(db.engine.sync_engine, tracer, spec.name)
         app.state.ctx = Context(spec.name, db, max_batch)
         try:
             yield
         finally:
             await db.dispose()
+            if provider and tracer_provider is None:  # ours: export what is buffered, off the loop
+                await asyncio.to_thread(provider.shutdown)
 
     app = Starlette(
         routes=api.routes + (admin_routes(state) if admin else []),
         exception_handlers=exception_handlers,
-        middleware=[Middleware(AdminMiddleware, state=state)] if admin else [],
+        # The server span outermost, so injected latency and faults show in it.
+        middleware=([Middleware(ServerSpans, tracer=tracer)] if tracer else [])
+        + ([Middleware(AdminMiddleware, state=state)] if admin else []),
         lifespan=lifespan,
     )
     app.state.openapi = api.document(VERSION)

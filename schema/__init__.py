@@ -10,6 +10,7 @@ from graphql import GraphQLError
 from strawberry.types import ExecutionContext
 from strawberry.extensions import MaxAliasesLimiter, ParserCache, QueryDepthLimiter, ValidationCache
 
+from gateway.telemetry import OperationSpan
 from gateway.view import MaskInternalErrors
 
 from .query import Query
@@ -30,6 +31,7 @@ class _Schema(strawberry.Schema):
 schema = _Schema(
     query=Query,
     extensions=[
+        OperationSpan,  # first, so its span covers the others' work too
         # Parse and validation results are cached: a repeated query is not re-parsed.
         lambda: ParserCache(maxsize=512),
         lambda: ValidationCache(maxsize=512),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import threading
@@ -18,6 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from mock_services import SERVICES, create_app
+from shop import gateway, shop  # noqa: F401  (fixtures for the gateway's tests)
 
 Serve = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
 OpenService = Callable[..., Awaitable[httpx.AsyncClient]]
@@ -146,3 +148,11 @@ def error_of() -> Callable[[httpx.Response], tuple[int, str]]:
         return response.status_code, body["error"]["code"]
 
     return error_of_
+
+
+@pytest.fixture(autouse=True)
+def _no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never export to a collector a developer's shell points at: a test that needs
+    an OTEL_* variable sets it itself."""
+    for key in [key for key in os.environ if key.startswith("OTEL_")]:
+        monkeypatch.delenv(key)

@@ -1,5 +1,6 @@
-"""Fixtures for gateway tests: the six real service apps, in process, and a gateway in
-front of them. Seeding runs once per session; each test gets its own copy of the files."""
+"""Helpers for gateway tests: the six real service apps in process (on a copy of the
+seeded data, conftest's `seeded_dir`), a gateway in front of them, and stand-ins for
+upstream misbehaviour a real service cannot produce. conftest registers the fixtures."""
 
 from __future__ import annotations
 
@@ -20,20 +21,6 @@ from gateway import Settings, create_app
 from gateway.config import ResilienceConfig, ServiceConfig
 from mock_services import SERVICES
 from mock_services import create_app as create_service
-
-
-@pytest.fixture(scope="session")
-def seeded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("seeded")
-
-    async def seed() -> None:
-        for spec in SERVICES.values():
-            app = create_service(spec, data_dir=path)
-            async with app.router.lifespan_context(app):
-                pass
-
-    asyncio.run(seed())
-    return path
 
 
 class Shop:
@@ -64,11 +51,12 @@ class Shop:
             (await client.post("/_admin/faults", json=faults)).raise_for_status()
 
 
-@pytest.fixture
-async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
+@contextlib.asynccontextmanager
+async def running_shop(seeded_dir: Path, tmp_path: Path, **options: Any) -> AsyncIterator[Shop]:
+    """The six services on a copy of the seeded data; `options` go to each service's app."""
     data = tmp_path / "data"
     shutil.copytree(seeded_dir, data)
-    apps = {name: create_service(spec, data_dir=data, admin=True) for name, spec in SERVICES.items()}
+    apps = {name: create_service(spec, data_dir=data, admin=True, **options) for name, spec in SERVICES.items()}
     async with contextlib.AsyncExitStack() as stack:
         for app in apps.values():
             await stack.enter_async_context(app.router.lifespan_context(app))
@@ -100,6 +88,7 @@ async def running_gateway(
     *,
     clock: Callable[[], float] | None = None,
     wall_clock: Callable[[], float] | None = None,
+    tracer_provider: Any = None,
     wait_feeds: bool = True,
     urls: Mapping[str, str] | None = None,
     per_service: Mapping[str, Mapping[str, Any]] | None = None,
@@ -110,8 +99,9 @@ async def running_gateway(
     Settings fields, `service` ServiceConfig fields for every service."""
     config = settings_for(shop, urls=urls, per_service=per_service, gateway=settings, **(service or {}))
     inner = {name: t for name, t in shop.transports.items() if name not in (urls or {})}
-    clocks = {k: v for k, v in (("clock", clock), ("wall_clock", wall_clock)) if v is not None}
-    app = create_app(config, transports={**inner, **(transports or {})}, **clocks)
+    options = {k: v for k, v in (("clock", clock), ("wall_clock", wall_clock), ("tracer_provider", tracer_provider))
+               if v is not None}
+    app = create_app(config, transports={**inner, **(transports or {})}, **options)
     async with app.router.lifespan_context(app):
         if wait_feeds and app.state.gateway.feeds is not None:
             # A follower that starts late may still drop entries another gateway wrote.
@@ -131,6 +121,19 @@ async def gateway_for(
     async with running_gateway(shop, clock=clock, urls=urls, per_service=per_service, service=service,
                                resilience=resilience or ResilienceConfig(), follow_feeds=False) as (client, _):
         yield client
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(shop: Shop, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A started gateway in front of `shop`; `options` as for `running_gateway`."""
+    async with running_gateway(shop, **options) as (client, _):
+        yield client
+
+
+@pytest.fixture
+async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
+    async with running_shop(seeded_dir, tmp_path) as shop:
+        yield shop
 
 
 @pytest.fixture

@@ -1,0 +1,125 @@
+"""Prometheus series for /metrics (DESIGN §7), one registry per app.
+
+The cache and resilience code report through the module functions below
+(`record_cache`, `record_stale`, `set_breaker_state`, `record_retry`). They act on the
+`Metrics` bound to the current context: the request middleware binds its app's for each
+request, so the functions need no plumbing, and two apps in one process (tests) never
+mix their counts. Outside a request they do nothing."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "Metrics",
+    "CONTENT_TYPE",
+    "BREAKER_STATES",
+    "record_cache",
+    "record_stale",
+    "set_breaker_state",
+    "record_retry",
+]
+
+# The breaker gauge's values: an alert on `> 0` catches every breaker that is not closed.
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+OUTCOMES = ("complete", "partial", "error")
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200)
+
+
+class Metrics:
+    """The gateway's series in their own registry."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)  # memory, CPU, GC: stateless, safe to share
+        self.upstream_latency = Histogram(
+            "bookvault_upstream_latency_seconds",
+            "Time one upstream batch call took, retries included, by service and route",
+            ["service", "route"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "bookvault_upstream_batch_size", "Ids in one batch load, by service and route",
+            ["service", "route"], buckets=_BATCH_BUCKETS, registry=registry)
+        self.upstream_errors = Counter(
+            "bookvault_upstream_errors_total", "Upstream batch calls that failed, by service and error code",
+            ["service", "code"], registry=registry)
+        self.retries = Counter(
+            "bookvault_upstream_retries_total", "Upstream requests sent again after a failure", ["service"],
+            registry=registry)
+        self.breaker = Gauge(
+            "bookvault_upstream_breaker_state", "Circuit breaker per service: 0 closed, 1 half-open, 2 open",
+            ["service"], registry=registry)
+        self.cache = Counter(
+            "bookvault_cache_requests_total", "Entity cache lookups by entity type, level (l1, l2) and result",
+            ["entity", "level", "result"], registry=registry)
+        self.stale = Counter(
+            "bookvault_cache_stale_served_total", "Entities served stale because their service failed",
+            ["entity"], registry=registry)
+        self.requests = Counter(
+            "bookvault_graphql_requests_total", "GraphQL requests by outcome: complete, partial (data and errors), error",
+            ["outcome"], registry=registry)
+        self.duration = Histogram(
+            "bookvault_graphql_request_duration_seconds", "Time from request to response, per GraphQL request",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        for service in services:  # per-service series exist from the start: a dashboard shows 0, not "no data"
+            self.breaker.labels(service).set(0)  # a breaker starts closed
+            self.retries.labels(service)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        token = _CURRENT.set(self)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+
+
+_CURRENT: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar("bookvault_metrics", default=None)
+
+
+def current() -> Metrics | None:
+    return _CURRENT.get()
+
+
+def record_cache(entity: str, level: str, hit: bool, count: int = 1) -> None:
+    """`count` lookups of `entity` at `level` ("l1" or "l2") that hit or missed."""
+    if (m := _CURRENT.get()) is not None:
+        m.cache.labels(entity, level, "hit" if hit else "miss").inc(count)
+
+
+def record_stale(entity: str, count: int = 1) -> None:
+    """`count` entities served from cache past their TTL because the service failed."""
+    if (m := _CURRENT.get()) is not None:
+        m.stale.labels(entity).inc(count)
+
+
+def set_breaker_state(service: str, state: str) -> None:
+    """`state` is one of BREAKER_STATES: "closed", "half_open", "open"."""
+    if (m := _CURRENT.get()) is not None:
+        m.breaker.labels(service).set(BREAKER_STATES[state])
+
+
+def record_retry(service: str) -> None:
+    """One more attempt of a request to `service` after a failed one."""
+    if (m := _CURRENT.get()) is not None:
+        m.retries.labels(service).inc()

@@ -1,0 +1,282 @@
+"""Tracing (DESIGN §7): which service made a request slow, in one Jaeger trace.
+
+A GraphQL request gets a server span (`TelemetryMiddleware`), an operation span
+(`OperationSpan`, a schema extension) and one client span per upstream batch call
+(`batch_span`, used by the loaders). Resolvers get none: a span per field would cost more
+than the fields. The upstream clients send W3C trace context (`httpx_event_hooks`), so each
+service's spans join the same trace.
+
+Seam for the cache and resilience code: inside a batch call, `annotate(cache_hits=...,
+cache_misses=..., stale_served=..., retries=..., breaker_state=...)` sets those facts on the
+batch's span without any OpenTelemetry import. Pass running totals: the last value wins.
+
+Nothing here is module-global: the tracer provider is an app's, made in its lifespan (or
+given by a test); a request finds it through a context variable set by the middleware."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import StatusCode, SpanKind
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.extensions import SchemaExtension
+
+from .errors import GatewayError
+from .logs import request_log
+from .metrics import Metrics
+
+__all__ = [
+    "Telemetry",
+    "TelemetryMiddleware",
+    "OperationSpan",
+    "batch_span",
+    "annotate",
+    "httpx_event_hooks",
+    "tracer_provider_from_env",
+    "TRACE_ID_HEADER",
+]
+
+TRACE_ID_HEADER = "x-trace-id"
+DEFAULT_SERVICE_NAME = "bookvault-gateway"
+
+# annotate()'s keywords and the span attributes they set; other keywords become "bookvault.<key>".
+_ATTRIBUTES = {
+    "cache_hits": "bookvault.cache.hits",
+    "cache_misses": "bookvault.cache.misses",
+    "stale_served": "bookvault.cache.stale_served",
+    "retries": "bookvault.retries",
+    "breaker_state": "bookvault.breaker.state",
+    "http_status": "http.response.status_code",
+    "error_type": "error.type",
+}
+
+
+def tracer_provider_from_env() -> TracerProvider:
+    """From the standard variables: OTLP/HTTP protobuf (what Jaeger ingests on :4318) to
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT. With neither, or
+    OTEL_TRACES_EXPORTER=none, spans are not recorded (unless OTEL_TRACES_SAMPLER asks),
+    yet every request still gets a trace id for its response and log line.
+    OTEL_SDK_DISABLED=true makes no spans at all. The SDK reads that, the sampler,
+    OTEL_RESOURCE_ATTRIBUTES and OTEL_BSP_* itself."""
+    env = os.environ
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporting = bool(endpoint) and "otlp" in {name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
+    # Recording spans nobody will read costs ~3% of a request's CPU; unsampled ones cost
+    # next to nothing and still carry ids.
+    sampler = None if exporting or env.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+    resource = Resource.create({SERVICE_NAME: env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME})
+    provider = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)  # the lifespan shuts it down
+    if exporting:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # The exporter reads the endpoint, headers, timeout and compression variables itself.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+class Telemetry:
+    """One app's tracer and Prometheus series."""
+
+    def __init__(self, services: Iterable[str], tracer_provider: trace.TracerProvider) -> None:
+        self.tracer_provider = tracer_provider
+        self.tracer = tracer_provider.get_tracer("bookvault.gateway")
+        self.metrics = Metrics(services)
+
+
+@dataclass
+class _Request:
+    """What the request's log line and outcome metric need, gathered while it runs."""
+
+    telemetry: Telemetry
+    operation: str | None = None
+    operation_type: str | None = None
+    outcome: str | None = None
+    upstream_calls: int = 0
+
+
+@dataclass
+class _Batch:
+    span: trace.Span
+    requests: int = 0
+
+
+_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("bookvault_request", default=None)
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("bookvault_batch", default=None)
+
+
+def _trace_id(span: trace.Span) -> str | None:
+    context = span.get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else None
+
+
+class TelemetryMiddleware:
+    """Pure ASGI, around the GraphQL endpoint: the server span (continuing a caller's W3C
+    trace context), the trace id in a response header, the outcome and duration series,
+    and one JSON log line per request. `telemetry_of` finds the app's `Telemetry`, which
+    the lifespan makes after the routes exist."""
+
+    def __init__(self, app: ASGIApp, telemetry_of: Callable[[Scope], Telemetry]) -> None:
+        self.app = app
+        self.telemetry_of = telemetry_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        telemetry = self.telemetry_of(scope)
+        started = time.perf_counter()
+        request = _Request(telemetry)
+        status = 500  # what the client gets when the app raises before answering
+        carrier = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        route = scope.get("route")
+        path = getattr(route, "path", scope["path"])
+        with telemetry.tracer.start_as_current_span(
+            f"{scope['method']} {path}", context=propagate.extract(carrier), kind=SpanKind.SERVER,
+            attributes={"http.request.method": scope["method"], "http.route": path, "url.path": scope["path"]},
+        ) as span:
+            trace_id = _trace_id(span)
+
+            async def send_with_trace_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    if trace_id:
+                        message = {**message, "headers": [*message.get("headers", ()), (TRACE_ID_HEADER.encode(), trace_id.encode())]}
+                await send(message)
+
+            token = _REQUEST.set(request)
+            try:
+                with telemetry.metrics.bound():
+                    await self.app(scope, receive, send_with_trace_id)
+            finally:
+                _REQUEST.reset(token)
+                seconds = time.perf_counter() - started
+                outcome = request.outcome or ("error" if status >= 400 else None)
+                span.set_attributes({"http.response.status_code": status, "bookvault.upstream.calls": request.upstream_calls})
+                if status >= 500:
+                    span.set_status(trace.StatusCode.ERROR)
+                if outcome:  # a GraphiQL page is no GraphQL request
+                    telemetry.metrics.requests.labels(outcome).inc()
+                    telemetry.metrics.duration.observe(seconds)
+                request_log(traceId=trace_id, method=scope["method"], path=scope["path"], status=status,
+                            operation=request.operation, operationType=request.operation_type, outcome=outcome,
+                            durationMs=round(seconds * 1000, 2), upstreamCalls=request.upstream_calls)
+
+
+class OperationSpan(SchemaExtension):
+    """One span per GraphQL operation, named like "query OrderPage", with the operation's
+    name, type and a SHA-256 of its document (the id persisted queries use); the batch
+    spans hang under it. Also puts the trace id in the response's `extensions`."""
+
+    _trace_id: str | None = None
+
+    def on_operation(self) -> Iterator[None]:
+        request = _REQUEST.get()
+        if request is None:  # executed outside the middleware: nothing to report to
+            yield
+            return
+        context = self.execution_context
+        with request.telemetry.tracer.start_as_current_span("graphql") as span:
+            self._trace_id = _trace_id(span)
+            try:
+                yield
+            finally:
+                request.operation = context.operation_name
+                request.operation_type = _operation_type(context)
+                result = context.result
+                request.outcome = "error" if result is None or result.data is None else (
+                    "partial" if result.errors else "complete")
+                span.update_name(" ".join(filter(None, (request.operation_type or "graphql", request.operation))))
+                attributes = {"graphql.operation.name": request.operation, "graphql.operation.type": request.operation_type,
+                              "bookvault.graphql.outcome": request.outcome}
+                if context.query is not None:
+                    attributes["graphql.document.hash"] = hashlib.sha256(context.query.encode()).hexdigest()
+                span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+    def get_results(self) -> dict[str, Any]:
+        return {"traceId": self._trace_id} if self._trace_id else {}
+
+
+def _operation_type(context: Any) -> str | None:
+    try:
+        return str(context.operation_type.value)
+    except Exception:  # no document (a syntax error) or no such operation: already an error
+        return None
+
+
+@contextlib.contextmanager
+def batch_span(service: str, route: str, size: int | None = None) -> Iterator[None]:
+    """The span of one upstream call of the loaders: a batch of `size` ids, or a page
+    (`size` None). A `GatewayError` leaving it marks the span failed with its code."""
+    request = _REQUEST.get()
+    if request is None:
+        yield
+        return
+    telemetry = request.telemetry
+    attributes: dict[str, Any] = {"peer.service": service, "http.request.method": "GET", "http.route": route,
+                                  "bookvault.retries": 0}
+    if size is not None:
+        # Defaults for a loader without cache; the cache's annotate() replaces them.
+        attributes.update({"bookvault.batch.size": size, "bookvault.cache.hits": 0, "bookvault.cache.misses": size,
+                           "bookvault.cache.stale_served": 0})
+        telemetry.metrics.batch_size.labels(service, route).observe(size)
+    started = time.perf_counter()
+    with telemetry.tracer.start_as_current_span(f"{service} {route}", kind=SpanKind.CLIENT, attributes=attributes) as span:
+        batch = _Batch(span)
+        token = _BATCH.set(batch)
+        try:
+            yield
+        except GatewayError as exc:
+            failed(exc)
+            raise
+        finally:
+            _BATCH.reset(token)
+            if batch.requests:  # answered from cache alone: no upstream latency to report
+                telemetry.metrics.upstream_latency.labels(service, route).observe(time.perf_counter() - started)
+
+
+def failed(exc: GatewayError) -> None:
+    """Mark the current batch call failed with `exc`'s code, also when the loader goes on
+    (serving stale data, or the error at each field's path) instead of raising."""
+    batch, request = _BATCH.get(), _REQUEST.get()
+    if batch is not None and request is not None:
+        batch.span.set_attribute("error.type", exc.code)
+        batch.span.set_status(StatusCode.ERROR, str(exc))
+        request.telemetry.metrics.upstream_errors.labels(exc.service or "", exc.code).inc()
+
+
+def annotate(**facts: Any) -> None:
+    """Set facts on the current batch call's span (see the module doc); no-op outside one."""
+    batch = _BATCH.get()
+    if batch is not None:
+        batch.span.set_attributes({_ATTRIBUTES.get(key, f"bookvault.{key}"): value for key, value in facts.items()})
+
+
+async def _on_request(request: httpx.Request) -> None:
+    propagate.inject(request.headers)  # W3C traceparent: the service's spans join this trace
+    if (current := _REQUEST.get()) is not None:
+        current.upstream_calls += 1
+    if (batch := _BATCH.get()) is not None:
+        batch.requests += 1
+
+
+async def _on_response(response: httpx.Response) -> None:
+    annotate(http_status=response.status_code)  # a retried call keeps its last attempt's
+
+
+def httpx_event_hooks() -> dict[str, list[Callable[..., Any]]]:
+    """For every upstream `httpx.AsyncClient`: trace context out, call counts and status in."""
+    return {"request": [_on_request], "response": [_on_response]}

@@ -1,0 +1,343 @@
+"""Telemetry as an operator meets it: one trace per request from the GraphQL operation
+down to each service's database, exported in the wire format Jaeger reads, /metrics that
+move, and one JSON log line per request."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import create_app, logs
+from gateway.config import ResilienceConfig
+from otlp_receiver import OtlpReceiver
+from shop import Shop, gateway_client, running_gateway, running_shop, settings_for
+from test_gateway import ORDER_HISTORY, ORDER_ID, ORDER_PAGE
+
+# The order page's upstream calls: one per service, and one each for books, authors, stock.
+ORDER_PAGE_CALLS = {("orders", "/orders"), ("customers", "/customers"), ("catalog", "/books"), ("catalog", "/authors"),
+                    ("inventory", "/stock"), ("payments", "/payments"), ("shipping", "/shipments")}
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+def recording(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+@pytest.fixture
+async def traced(shop: Shop, spans: InMemorySpanExporter) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway_client(shop, tracer_provider=recording(spans)) as client:
+        yield client
+
+
+async def order_page(client: httpx.AsyncClient, order_id: str = ORDER_ID, **headers: str) -> httpx.Response:
+    response = await client.post("/graphql", json={"query": ORDER_PAGE, "variables": {"id": order_id}}, headers=headers)
+    assert response.status_code == 200 and "errors" not in response.json(), response.text
+    return response
+
+
+def of_kind(spans: list[ReadableSpan], kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in spans if s.kind is kind]
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent else None
+
+
+def call_key(span: ReadableSpan) -> tuple[str, str]:
+    return span.attributes["peer.service"], span.attributes["http.route"]
+
+
+async def test_order_page_trace_has_one_operation_span_and_one_span_per_batch_call(
+    traced: httpx.AsyncClient, shop: Shop, spans: InMemorySpanExporter
+) -> None:
+    """The order page is a server span, an operation span under it, and one child span per upstream call."""
+    await order_page(traced)
+    finished = spans.get_finished_spans()
+    (server,) = of_kind(finished, SpanKind.SERVER)
+    (operation,) = of_kind(finished, SpanKind.INTERNAL)
+    calls = of_kind(finished, SpanKind.CLIENT)
+    assert len(finished) == 2 + len(calls)  # nothing per field resolver
+    assert server.name == "POST /graphql" and server.parent is None
+    assert parent_id(operation) == server.context.span_id
+    assert operation.name == "query OrderPage"
+    assert dict(operation.attributes) == {
+        "graphql.operation.name": "OrderPage", "graphql.operation.type": "query", "bookvault.graphql.outcome": "complete",
+        "graphql.document.hash": hashlib.sha256(ORDER_PAGE.encode()).hexdigest(),
+    }
+    assert sorted(call_key(s) for s in calls) == sorted(ORDER_PAGE_CALLS)
+    assert all(parent_id(s) == operation.context.span_id for s in calls)
+    received = {(name, c["route"]): c["ids"] for name, reqs in (await shop.calls()).items() for c in reqs}
+    for span in calls:
+        size = received[call_key(span)]  # the ids the service was asked for
+        assert {k: v for k, v in span.attributes.items() if k != "peer.service" and k != "http.route"} == {
+            "http.request.method": "GET", "bookvault.batch.size": size, "bookvault.cache.hits": 0,
+            "bookvault.cache.misses": size, "bookvault.retries": 0, "bookvault.cache.stale_served": 0,
+            "http.response.status_code": 200,
+        }, span.name
+
+
+async def test_concurrent_calls_are_siblings_and_concurrent_requests_separate_traces(
+    traced: httpx.AsyncClient, shop: Shop, spans: InMemorySpanExporter
+) -> None:
+    """Two order pages at once: two traces, and in each the overlapping calls of one level are siblings."""
+    for service, path in (("payments", "/payments"), ("shipping", "/shipments"), ("catalog", "/books")):
+        await shop.faults(service, latencyMs=30, paths=[path])
+    responses = await asyncio.gather(order_page(traced, ORDER_ID), order_page(traced, "4849"))
+    finished = spans.get_finished_spans()
+    trace_ids = {r.headers["x-trace-id"] for r in responses}
+    assert {format_trace_id(s.context.trace_id) for s in finished} == trace_ids and len(trace_ids) == 2
+    for trace_id in trace_ids:
+        mine = [s for s in finished if format_trace_id(s.context.trace_id) == trace_id]
+        (operation,) = of_kind(mine, SpanKind.INTERNAL)
+        calls = of_kind(mine, SpanKind.CLIENT)
+        assert sorted(call_key(s) for s in calls) == sorted(ORDER_PAGE_CALLS)
+        assert all(parent_id(s) == operation.context.span_id for s in calls)
+        level = [s for s in calls if call_key(s) in {("payments", "/payments"), ("shipping", "/shipments"), ("catalog", "/books")}]
+        assert all(a.start_time < b.end_time and b.start_time < a.end_time for a, b in itertools.combinations(level, 2))
+
+
+async def test_each_chunk_of_a_large_batch_gets_its_own_span(traced: httpx.AsyncClient, spans: InMemorySpanExporter) -> None:
+    """250 books are three catalog calls, so three sibling spans with their own batch sizes."""
+    ids = [str(i) for i in range(1, 251)]
+    await traced.post("/graphql", json={"query": "query($ids: [ID!]!) { books(ids: $ids) { id } }", "variables": {"ids": ids}})
+    finished = spans.get_finished_spans()
+    (operation,) = of_kind(finished, SpanKind.INTERNAL)
+    calls = of_kind(finished, SpanKind.CLIENT)
+    assert sorted(s.attributes["bookvault.batch.size"] for s in calls) == [50, 100, 100]
+    assert all(parent_id(s) == operation.context.span_id for s in calls)
+
+
+async def test_a_failing_service_is_the_red_span(traced: httpx.AsyncClient, shop: Shop, spans: InMemorySpanExporter) -> None:
+    """When payments answers 503, its span is an error with the code and status; the others are fine."""
+    await shop.faults("payments", errorRate=1.0, errorStatus=503, paths=["/payments"])
+    body = (await traced.post("/graphql", json={"query": ORDER_PAGE, "variables": {"id": ORDER_ID}})).json()
+    assert body["data"]["order"]["payment"] is None
+    calls = {call_key(s): s for s in of_kind(spans.get_finished_spans(), SpanKind.CLIENT)}
+    failed = calls.pop(("payments", "/payments"))
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes["error.type"] == "UPSTREAM_UNAVAILABLE"
+    assert failed.attributes["http.response.status_code"] == 503
+    assert all(s.status.status_code is StatusCode.UNSET for s in calls.values())
+    (operation,) = of_kind(spans.get_finished_spans(), SpanKind.INTERNAL)
+    assert operation.attributes["bookvault.graphql.outcome"] == "partial"
+
+
+async def test_one_trace_runs_from_the_operation_to_each_services_database(
+    seeded_dir: Path, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """With the services traced too, each service's request span hangs under the gateway's call, its SQL under that."""
+    async with running_shop(seeded_dir, tmp_path, tracer_provider=recording(spans)) as traced_shop:
+        async with gateway_client(traced_shop, tracer_provider=recording(spans)) as client:
+            await order_page(client)
+    finished = spans.get_finished_spans()
+    assert len({s.context.trace_id for s in finished}) == 1
+    by_id = {s.context.span_id: s for s in finished}
+    handled = [s for s in of_kind(finished, SpanKind.SERVER) if s.name != "POST /graphql"]
+    assert sorted((call_key(by_id[parent_id(s)]), s.name) for s in handled) == sorted(
+        (key, f"GET {key[1]}") for key in ORDER_PAGE_CALLS)
+    queries = [s for s in of_kind(finished, SpanKind.CLIENT) if "db.query.text" in s.attributes]
+    for span in handled:
+        service = by_id[parent_id(span)].attributes["peer.service"]
+        selects = [q for q in queries if parent_id(q) == span.context.span_id and q.attributes["db.operation.name"] == "SELECT"]
+        assert selects and all(q.attributes["db.namespace"] == service for q in selects), span.name
+    assert {parent_id(q) for q in queries} <= {s.context.span_id for s in handled}
+
+
+async def test_services_receive_a_traceparent_with_the_gateways_trace_id(
+    traced: httpx.AsyncClient, shop: Shop, spans: InMemorySpanExporter
+) -> None:
+    """Every service request carries W3C traceparent: the response's trace id, and the calling span as parent."""
+    trace_id = (await order_page(traced)).headers["x-trace-id"]
+    calls = {call_key(s): s for s in of_kind(spans.get_finished_spans(), SpanKind.CLIENT)}
+    received = [(name, c["route"], c["traceparent"]) for name, reqs in (await shop.calls()).items() for c in reqs]
+    assert len(received) == len(ORDER_PAGE_CALLS)
+    for service, route, traceparent in received:
+        version, trace, parent, flags = traceparent.split("-")
+        assert (version, trace) == ("00", trace_id) and int(flags, 16) & 1  # sampled: the service records too
+        assert parent == format_span_id(calls[(service, route)].context.span_id)
+
+
+async def test_trace_id_is_in_the_response_header_and_extensions_and_continues_the_callers(
+    traced: httpx.AsyncClient, spans: InMemorySpanExporter
+) -> None:
+    """A response names its trace in `x-trace-id` and `extensions.traceId`; a caller's traceparent is continued."""
+    response = await order_page(traced)
+    (server,) = of_kind(spans.get_finished_spans(), SpanKind.SERVER)
+    assert response.headers["x-trace-id"] == response.json()["extensions"]["traceId"] == format_trace_id(server.context.trace_id)
+    spans.clear()
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    continued = await order_page(traced, traceparent=f"00-{caller_trace}-{caller_span}-01")
+    assert continued.headers["x-trace-id"] == continued.json()["extensions"]["traceId"] == caller_trace
+    (server,) = of_kind(spans.get_finished_spans(), SpanKind.SERVER)
+    assert format_span_id(server.parent.span_id) == caller_span and server.parent.is_remote
+
+
+def _attributes(span: Any) -> dict[str, Any]:
+    values = {}
+    for attribute in span.attributes:
+        value = attribute.value
+        values[attribute.key] = getattr(value, value.WhichOneof("value"))
+    return values
+
+
+async def test_otlp_export_decodes_to_the_same_spans(shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configured only by OTEL_EXPORTER_OTLP_ENDPOINT, the gateway posts protobuf that decodes to the spans it made."""
+    recorded = InMemorySpanExporter()
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        app = create_app(settings_for(shop), transports=shop.transports)
+        async with app.router.lifespan_context(app):
+            app.state.gateway.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(recorded))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+                await order_page(client)
+        # Leaving the lifespan flushed the batch processor: the export has been answered.
+        assert {(e.path, e.content_type) for e in receiver.exports} == {("/v1/traces", "application/x-protobuf")}
+        wire = receiver.spans()
+    assert {resource["service.name"] for resource, _ in wire} == {"bookvault-gateway"}
+    decoded = {(s.name, s.span_id.hex(), s.parent_span_id.hex(), s.trace_id.hex(), s.kind,
+                json.dumps(_attributes(s), sort_keys=True)) for _, s in wire}
+    made = {(s.name, format_span_id(s.context.span_id), format_span_id(s.parent.span_id) if s.parent else "",
+             format_trace_id(s.context.trace_id), s.kind.value + 1,  # OTLP counts kinds from 1 (0 is unspecified)
+             json.dumps(dict(s.attributes), sort_keys=True)) for s in recorded.get_finished_spans()}
+    assert decoded == made and len(made) == 9
+
+
+@pytest.mark.parametrize("env", [{}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_TRACES_EXPORTER": "none"}],
+                         ids=["no-endpoint", "exporter-none"])
+async def test_without_an_exporter_nothing_is_sent_yet_responses_carry_a_trace_id(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    """No endpoint (or OTEL_TRACES_EXPORTER=none): no export is attempted, and the trace id still reaches the client."""
+    exported: list[Any] = []
+    monkeypatch.setattr(OTLPSpanExporter, "export", lambda self, batch: exported.append(batch))
+    for name, value in env.items():  # conftest has cleared the OTEL_* variables
+        monkeypatch.setenv(name, value)
+    async with gateway_client(shop) as client:
+        response = await order_page(client)
+    assert len(response.headers["x-trace-id"]) == 32
+    assert exported == []
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(series: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return series.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_expose_the_series_and_they_move_after_a_query(traced: httpx.AsyncClient) -> None:
+    """/metrics is Prometheus text; an order history moves latency, batch size and request series."""
+    before_response = await traced.get("/metrics")
+    assert before_response.headers["content-type"].startswith("text/plain; version=")
+    before = samples(before_response.text)
+    for service in ("customers", "catalog", "inventory", "orders", "payments", "shipping"):
+        assert value(before, "bookvault_upstream_breaker_state", service=service) == 0  # closed
+        assert ("bookvault_upstream_retries_total", (("service", service),)) in before
+    body = (await traced.post("/graphql", json={"query": ORDER_HISTORY, "variables": {"id": "7"}})).json()
+    assert "errors" not in body
+    after = samples((await traced.get("/metrics")).text)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("bookvault_graphql_requests_total", outcome="complete") == 1
+    assert moved("bookvault_graphql_request_duration_seconds_count") == 1
+    assert moved("bookvault_upstream_latency_seconds_count", service="catalog", route="/books") == 1
+    assert moved("bookvault_upstream_latency_seconds_count", service="orders", route="/orders") == 1  # the page
+    assert moved("bookvault_upstream_batch_size_sum", service="payments", route="/payments") == 20
+    books = {item["book"]["title"] for n in body["data"]["customer"]["orders"]["nodes"] for item in n["items"]}
+    assert moved("bookvault_upstream_batch_size_sum", service="catalog", route="/books") >= len(books)
+
+
+async def test_cache_retries_stale_and_breaker_facts_land_on_the_batch_span_and_in_metrics(
+    shop: Shop, spans: InMemorySpanExporter
+) -> None:
+    """A batch span tells cache hits and misses, retries and stale data served; /metrics counts them and the breaker."""
+    clock = WallClock()
+    query = '{ books(ids: ["1", "2"]) { id } }'
+    async with running_gateway(shop, tracer_provider=recording(spans), wall_clock=clock, service={"retries": 2},
+                               resilience=ResilienceConfig(breaker_threshold=3),
+                               cache_overrides={"book": (30.0, 600.0)}) as (client, _):
+        for _ in range(2):
+            assert "errors" not in (await client.post("/graphql", json={"query": query})).json()
+        await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/books"])
+        clock.now += 31  # past the TTL, within max-stale
+        body = (await client.post("/graphql", json={"query": query})).json()
+        assert len(body["extensions"]["stale"]) == 2
+        series = samples((await client.get("/metrics")).text)
+    first, cached, stale = [s for s in spans.get_finished_spans() if s.name == "catalog /books"]
+    facts = ("bookvault.cache.hits", "bookvault.cache.misses", "bookvault.cache.stale_served", "bookvault.retries")
+    assert [tuple(span.attributes[f] for f in facts) for span in (first, cached, stale)] == [
+        (0, 2, 0, 0), (2, 0, 0, 0), (0, 2, 2, 2)]
+    assert stale.attributes["error.type"] == "UPSTREAM_UNAVAILABLE" and stale.status.status_code is StatusCode.ERROR
+    assert stale.attributes["bookvault.breaker.state"] == "open"  # three failed attempts in a row
+    assert value(series, "bookvault_cache_requests_total", entity="book", level="l1", result="hit") == 2 + 2
+    assert value(series, "bookvault_cache_stale_served_total", entity="book") == 2
+    assert value(series, "bookvault_upstream_retries_total", service="catalog") == 2
+    assert value(series, "bookvault_upstream_breaker_state", service="catalog") == 2  # open
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_requests_are_counted_by_outcome(traced: httpx.AsyncClient, shop: Shop) -> None:
+    """A whole answer is complete, data with errors is partial, no data is an error."""
+    await order_page(traced)
+    await traced.post("/graphql", json={"query": '{ books(ids: ["1", "999999"]) { id } }'})
+    await traced.post("/graphql", json={"query": "{ book(id: 1) { title "})
+    await traced.post("/graphql", content=b"{ book(id: 1) { title } }", headers={"content-type": "text/plain"})
+    series = samples((await traced.get("/metrics")).text)
+    counts = {o: value(series, "bookvault_graphql_requests_total", outcome=o) for o in ("complete", "partial", "error")}
+    assert counts == {"complete": 1, "partial": 1, "error": 2}
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logs.configure(stream)
+    yield stream
+    logging.getLogger("bookvault").removeHandler(handler)
+
+
+async def test_each_request_leaves_one_json_log_line_with_its_trace_id(
+    traced: httpx.AsyncClient, log_lines: io.StringIO
+) -> None:
+    """One JSON line per request: trace id, operation, duration, upstream calls, outcome."""
+    response = await order_page(traced)
+    await traced.get("/metrics")  # scrapes are not requests worth a line
+    (line,) = log_lines.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["traceId"] == response.headers["x-trace-id"]
+    assert {k: record[k] for k in ("logger", "operation", "operationType", "upstreamCalls", "outcome", "status")} == {
+        "logger": "bookvault.requests", "operation": "OrderPage", "operationType": "query",
+        "upstreamCalls": len(ORDER_PAGE_CALLS), "outcome": "complete", "status": 200}
+    assert 0 < record["durationMs"] < 10_000
