@@ -6,6 +6,7 @@ process per service (a demo can kill catalog and watch the gateway degrade)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,11 +91,13 @@ def supervise(children: list[Child], banner: str = "", ready_timeout: float = 60
 def _stop_all(children: list[Child]) -> None:
     running = [c.process for c in children if c.process and c.process.poll() is None]
     for process in running:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may exit between poll() and here
+            os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
     for process in running:
         try:
             process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
