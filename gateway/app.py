@@ -99,6 +99,7 @@ def create_app(
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
         _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)
+        limits = asyncio.create_task(upstream.learn_limits(), name="learn-limits") if settings.learn_limits else None
         redis = None
         if settings.redis_url:
             redis = RedisLevel(settings.redis_url, timeout=settings.redis_timeout, rest=settings.redis_rest)
@@ -111,10 +112,12 @@ def create_app(
         readiness = [MEMORY_CACHE] + ([ReadinessProbe("caches", "redis", redis.ping)] if redis else [])
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry,
-                                         readiness=readiness)
+                                         readiness=readiness, limits=limits)
         try:
             yield
         finally:
+            if limits is not None:
+                limits.cancel()
             if feeds is not None:
                 await feeds.stop()
             await upstream.aclose()

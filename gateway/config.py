@@ -82,6 +82,7 @@ class Settings:
     identity_header: str = "authorization"
     feed_wait: float = 10.0
     follow_feeds: bool = True
+    learn_limits: bool = True  # read each service's maxBatch from GET /_meta
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
@@ -28,6 +29,7 @@ class GatewayState:
     telemetry: Telemetry
     # What /readyz checks besides the breakers; backends (caches...) append theirs.
     readiness: list[ReadinessProbe] = field(default_factory=list)
+    limits: asyncio.Task[None] | None = None  # learning the services' maxBatch
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -5,6 +5,7 @@ httpx's exceptions become the gateway's (`raise ... from exc`). Each call runs u
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from functools import partial
@@ -35,6 +36,7 @@ class Upstream:
         resilience: Resilience | None = None,
     ) -> None:
         self.services = dict(services)
+        self._advertised: dict[str, int] = {}
         self.resilience = resilience or Resilience(self.services, ResilienceConfig())
         transports = transports or {}
         self._clients = {
@@ -50,7 +52,24 @@ class Upstream:
         }
 
     def max_batch(self, service: str) -> int:
-        return self.services[service].max_batch
+        """Ids per batch call: the configured limit, or less if the service says so."""
+        configured = self.services[service].max_batch
+        return min(configured, self._advertised.get(service, configured))
+
+    async def learn_limits(self, every: float = 2.0) -> None:
+        """Read each service's advertised `maxBatch` (GET /_meta, DESIGN §2) until all have
+        answered: a service that allows fewer ids than configured gets smaller chunks
+        instead of a 400 for every batch."""
+        pending = set(self.services)
+        while pending:
+            answers = await asyncio.gather(*(self.poll(s, "/_meta", timeout=2.0) for s in pending), return_exceptions=True)
+            for service, meta in zip(list(pending), answers, strict=True):
+                limit = meta.get("maxBatch") if isinstance(meta, dict) else None
+                if isinstance(limit, int) and limit > 0:
+                    self._advertised[service] = limit
+                    pending.discard(service)
+            if pending:
+                await asyncio.sleep(every)
 
     async def aclose(self) -> None:
         for client in self._clients.values():

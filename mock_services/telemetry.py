@@ -22,8 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["tracer_provider_from_env", "ServerSpans", "trace_queries"]
 
-# Probes and long polls would each be a trace of their own: noise in Jaeger.
-UNTRACED = ("/healthz", "/events", "/_admin")
+# Probes, long polls and limit look-ups would each be a trace of their own: noise in Jaeger.
+UNTRACED = ("/healthz", "/events", "/_admin", "/_meta")
 
 
 def tracer_provider_from_env(service: str) -> TracerProvider | None:

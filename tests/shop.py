@@ -38,8 +38,8 @@ class Shop:
             return (await client.get("/_admin/stats")).json()["requests"]
 
     async def calls(self) -> dict[str, list[dict[str, Any]]]:
-        """Every service's recorded requests, feed polls left out."""
-        return {name: [r for r in await self.stats(name) if r["route"] != "/events"] for name in self.apps}
+        """Every service's recorded requests, the gateway's housekeeping (feed polls, limits) left out."""
+        return {name: [r for r in await self.stats(name) if r["route"] not in ("/events", "/_meta")] for name in self.apps}
 
     async def reset_stats(self) -> None:
         for name in self.apps:
@@ -117,9 +117,11 @@ async def gateway_for(
     **service: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of a gateway over `shop`; `service` fields apply to every service. No change
-    feeds are followed: their polls would count as calls to the services under test."""
+    feeds are followed and no limits learned: those calls would count as calls to the
+    services under test."""
     async with running_gateway(shop, clock=clock, urls=urls, per_service=per_service, service=service,
-                               resilience=resilience or ResilienceConfig(), follow_feeds=False) as (client, _):
+                               resilience=resilience or ResilienceConfig(), follow_feeds=False,
+                               learn_limits=False) as (client, _):
         yield client
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,7 +12,7 @@ import pytest
 from strawberry.extensions.parser_cache import _get_parse_cache
 
 from schema import SDL_PATH, sdl
-from shop import Shop
+from shop import Shop, running_gateway, running_shop
 
 ORDER_PAGE = (SDL_PATH.parent / "examples" / "order_page.graphql").read_text()
 ORDER_HISTORY = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { totalCount
@@ -83,6 +85,16 @@ async def test_many_books_are_chunked_and_sent_concurrently(gateway: httpx.Async
     calls = (await shop.calls())["catalog"]
     assert sorted(c["ids"] for c in calls) == [50, 100, 100]
     assert all(overlap(a, b) for a, b in itertools.combinations(calls, 2))
+
+
+async def test_chunks_follow_the_limit_a_service_advertises(seeded_dir: Path, tmp_path: Path) -> None:
+    """A catalog that allows 40 ids per call (GET /_meta) gets 100 books in chunks of 40, though 100 is configured."""
+    async with running_shop(seeded_dir, tmp_path, max_batch=40) as small, running_gateway(small) as (client, app):
+        await asyncio.wait_for(app.state.gateway.limits, 10)
+        ids = [str(i) for i in range(1, 101)]
+        body = await graphql(client, "query($ids: [ID!]!) { books(ids: $ids) { id } }", ids=ids)
+        assert [b["id"] for b in body["data"]["books"]] == ids and "errors" not in body
+        assert sorted(c["ids"] for c in (await small.calls())["catalog"]) == [20, 40, 40]
 
 
 async def test_fan_out_calls_of_one_level_overlap(gateway: httpx.AsyncClient, shop: Shop) -> None:
