@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.config import ResilienceConfig
 from shop import Shop, running_gateway
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -247,3 +248,20 @@ async def test_a_restarted_gateway_resumes_each_feed_from_its_cursor(shop: Shop,
         book = (await ask(client, BOOK, id="31"))["data"]["book"]
         assert (book["version"], book["price"]) == (2, {"amount": "31.31"})
         assert (await count_calls(shop))["catalog"] == 1  # the cached version 1 was not trusted
+
+
+async def test_an_open_breaker_serves_stale_books_without_calling_the_catalog(shop: Shop) -> None:
+    """Once the catalog's breaker is open, stale books come from the cache and the catalog sees no call at all."""
+    clock = Clock()
+    async with running_gateway(shop, wall_clock=clock, service={"retries": 0},
+                               resilience=ResilienceConfig(breaker_threshold=1, breaker_cooldown=60)) as (client, _):
+        await ask(client, BOOK, id="41")
+        await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/books"])
+        clock.now += 31
+        opened = await ask(client, BOOK, id="41")  # this call fails and opens the breaker
+        await count_calls(shop)
+        served = await ask(client, BOOK, id="41")
+        assert served["data"] == opened["data"] and served["data"]["book"]["id"] == "41"
+        assert [s["service"] for s in served["extensions"]["stale"]] == ["catalog"]
+        assert (await count_calls(shop))["catalog"] == 0
+        assert (await client.get("/readyz")).json()["services"]["catalog"]["breaker"] == "open"
