@@ -15,7 +15,7 @@ from cross_web import HTTPException
 from strawberry.types import ExecutionResult
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .context import RequestContext
 from .errors import GatewayError
@@ -29,6 +29,7 @@ log = logging.getLogger("bookvault.gateway")
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 JSON = "application/json"
 _CONTEXT = "bookvault.context"
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
 def negotiate(accept: str | None) -> str:
@@ -67,6 +68,22 @@ class MaskInternalErrors(MaskErrors):
         return masked
 
 
+def _capped(receive: Receive, limit: int) -> Receive:
+    """The request body, refused with 413 once it passes `limit` bytes: never buffered whole."""
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request bodies are limited to {limit} bytes")
+        return message
+
+    return capped
+
+
 class GatewayGraphQL(GraphQL[RequestContext, None]):
     async def get_context(self, request: Request, response: Response) -> RequestContext:  # type: ignore[override]
         state = gateway_state(request)
@@ -95,7 +112,7 @@ class GatewayGraphQL(GraphQL[RequestContext, None]):
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
-        request = Request(scope, receive)
+        request = Request(scope, _capped(receive, MAX_REQUEST_BYTES))
         content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         try:
             if request.method == "POST" and content_type != JSON:
@@ -104,7 +121,8 @@ class GatewayGraphQL(GraphQL[RequestContext, None]):
             response = await self.run(request)
         except HTTPException as exc:
             # A JSON error the client can parse, instead of strawberry's plain text.
-            body = {"errors": [{"message": exc.reason, "extensions": {"code": "BAD_REQUEST"}}]}
+            code = "REQUEST_TOO_LARGE" if exc.status_code == 413 else "BAD_REQUEST"
+            body = {"errors": [{"message": exc.reason, "extensions": {"code": code}}]}
             response = JSONResponse(body, status_code=exc.status_code,
                                     media_type=negotiate(request.headers.get("accept")))
         context: RequestContext | None = scope.get(_CONTEXT)

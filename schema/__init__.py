@@ -8,7 +8,7 @@ from pathlib import Path
 import strawberry
 from graphql import GraphQLError
 from strawberry.types import ExecutionContext
-from strawberry.extensions import MaxAliasesLimiter, ParserCache, QueryDepthLimiter, ValidationCache
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, ParserCache, QueryDepthLimiter, ValidationCache
 
 from gateway.telemetry import OperationSpan
 from gateway.view import MaskInternalErrors
@@ -37,6 +37,7 @@ schema = _Schema(
         lambda: ValidationCache(maxsize=512),
         lambda: QueryDepthLimiter(max_depth=12),
         lambda: MaxAliasesLimiter(max_alias_count=50),
+        lambda: MaxTokensLimiter(max_token_count=5000),
         MaskInternalErrors,
     ],
 )

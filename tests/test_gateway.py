@@ -188,6 +188,20 @@ async def test_bad_graphql_gets_a_clear_error_and_no_upstream_call(
     assert all(not reqs for reqs in (await shop.calls()).values())
 
 
+async def test_oversized_or_abusive_requests_are_refused_before_any_upstream_call(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """A body over 1 MiB gets 413; a query too deep or with too many aliases or tokens gets an error; no service is called."""
+    huge = await gateway.post("/graphql", content=b'{"query": "' + b" " * (1024 * 1024) + b'{ book(id: 1) { id } }"}',
+                              headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["errors"][0]["extensions"]["code"] == "REQUEST_TOO_LARGE"
+    deep = "{ order(id: 1) { " + "customer { orders { nodes { " * 5 + "id" + " } } }" * 5 + " } }"
+    aliases = "{ " + " ".join(f"b{i}: book(id: {i}) {{ id }}" for i in range(1, 60)) + " }"
+    tokens = "{ book(id: 1) { " + " ".join(["id"] * 6000) + " } }"
+    for query, words in ((deep, "exceeds maximum operation depth"), (aliases, "aliases"), (tokens, "token")):
+        body = (await gateway.post("/graphql", json={"query": query})).json()
+        assert body["data"] is None and words in body["errors"][0]["message"].lower()
+    assert all(not reqs for reqs in (await shop.calls()).values())
+
+
 async def test_graphql_response_media_type_answers_request_errors_with_400(gateway: httpx.AsyncClient) -> None:
     """With application/graphql-response+json, a validation error is a 400 with no `data` entry."""
     accept = {"accept": "application/graphql-response+json"}
