@@ -1,6 +1,7 @@
 """Process helpers for the benches: start the six services (with --admin, a fresh data dir)
 and the gateway on free ports chosen at runtime, wait for /healthz, stop everything on
-exit, error or Ctrl-C; and the /_admin calls a bench makes (faults, stats).
+exit, error or Ctrl-C; the /_admin calls a bench makes (faults, stats); and what the
+benches share for requests and their counts (Tally, post_graphql, upstream_calls, summary).
 
 Ports are never the defaults and the caller's BOOKVAULT_*, REDIS_URL and OTEL_* variables
 are not passed on (give them in `env`), so a bench does not collide with a running demo:
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -23,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +36,15 @@ import httpx
 from gateway.config import DEFAULT_PORTS
 from mock_services.runner import Child, _stop_all, _wait_ready, service_children
 
-__all__ = ["Stack", "free_ports", "set_faults", "clear_stats", "fetch_stats", "peak_rss_kib", "cpu_seconds", "REPO"]
+__all__ = ["Stack", "free_ports", "set_faults", "clear_stats", "fetch_stats", "peak_rss_kib", "cpu_seconds", "REPO",
+           "EXCLUDED_ROUTES", "Tally", "post_graphql", "percentile", "summary", "upstream_calls", "calls_per_query",
+           "ttl_env"]
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = tuple(DEFAULT_PORTS)
 _NOT_INHERITED = ("BOOKVAULT_", "REDIS_URL", "OTEL_")  # customers, catalog, inventory, orders, payments, shipping
+# Not the work of a query: the gateway's change-feed long polls, and readiness checks.
+EXCLUDED_ROUTES = frozenset({"/events", "/healthz"})
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -102,6 +110,7 @@ class Stack:
         self.children = {c.name: c for c in service_children(self.service_urls, str(self.workdir / "data"), scale,
                                                                admin=True)}
         self.children["gateway"] = Child("gateway", _bookvault_command(), self.gateway_url)
+        self.env_overrides: dict[str, dict[str, str]] = {}  # per child, on top of `env` (see restart)
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -132,7 +141,8 @@ class Stack:
         child = self.children[name]
         with open(self.log_path(name), "ab") as log:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop the children.
-            child.process = subprocess.Popen(child.argv, env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+            env = {**self.env, **self.env_overrides.get(name, {})}
+            child.process = subprocess.Popen(child.argv, env=env, cwd=self.workdir, stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return child.process
 
@@ -170,8 +180,12 @@ class Stack:
             child.process.wait()
         _stop_all([child])
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, env: Mapping[str, str] | None = None) -> None:
+        """Stop `name` and start it again (a fresh process: empty memory); with `env`, it
+        runs from now on with those variables on top of the stack's (replacing earlier ones)."""
         self.kill(name)
+        if env is not None:
+            self.env_overrides[name] = dict(env)
         self.spawn(name)
         self.wait_ready([name])
 
@@ -214,3 +228,110 @@ async def fetch_stats(client: httpx.AsyncClient, service_urls: dict[str, str]) -
 
     lists = await asyncio.gather(*(one(u) for u in service_urls.values()))
     return dict(zip(service_urls, lists))
+
+
+# -- GraphQL requests, upstream calls, statistics ---------------------------------------
+
+
+@dataclass
+class Tally:
+    latencies_ms: list[float] = field(default_factory=list)
+    ok: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return self.ok + sum(self.failures.values())
+
+
+def _failure(response: httpx.Response, root: str) -> str | None:
+    """None when the response is a clean answer; else why not (short, for counting)."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}"
+    try:
+        body = response.json()
+    except ValueError:
+        return "body is not JSON"
+    if not isinstance(body, dict):
+        return "body is not an object"
+    errors = body.get("errors")
+    if errors:
+        first = errors[0] if isinstance(errors, list) and isinstance(errors[0], dict) else {}
+        code = (first.get("extensions") or {}).get("code", "?")
+        return f"errors: {code} at {first.get('path')}: {str(first.get('message', errors))[:80]}"
+    if not isinstance(body.get("data"), dict) or body["data"].get(root) is None:
+        return f"data.{root} is null"
+    return None
+
+
+async def post_graphql(client: httpx.AsyncClient, url: str, payload: dict[str, Any], root: str, tally: Tally,
+                       headers: Mapping[str, str] | None = None) -> None:
+    """POST one GraphQL request; its latency and outcome go to `tally` (`root`: the top-level
+    field that must not be null)."""
+    started = time.perf_counter()
+    try:
+        response = await client.post(url, json=payload, headers=headers)
+        problem = _failure(response, root)
+    except httpx.HTTPError as exc:
+        problem = f"{type(exc).__name__}"
+    tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+    if problem is None:
+        tally.ok += 1
+    else:
+        tally.failures[problem] += 1
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50_ms": round(percentile(values, 50), 2), "p99_ms": round(percentile(values, 99), 2),
+            "mean_ms": round(sum(values) / len(values), 2), "min_ms": round(min(values), 2),
+            "max_ms": round(max(values), 2)}
+
+
+async def upstream_calls(client: httpx.AsyncClient, stack: Stack, patience: float = 1.0) -> list[dict[str, Any]]:
+    """The services' recorded calls but /events and /healthz, each with its service. A
+    service records a call's end just after sending the answer, so a busy one may not have
+    yet when the gateway has already answered us: asked again until all have ended."""
+    deadline = time.monotonic() + patience
+    while True:
+        stats = await fetch_stats(client, stack.service_urls)
+        calls = [{**r, "service": service} for service, records in stats.items() for r in records
+                 if r.get("route") not in EXCLUDED_ROUTES]
+        if all(c["end"] is not None for c in calls) or time.monotonic() > deadline:
+            return [c if c["end"] is not None else {**c, "end": time.monotonic()} for c in calls]
+        await asyncio.sleep(0.02)
+
+
+def calls_per_query(calls: list[dict[str, Any]], n_queries: int) -> dict[str, Any]:
+    per_service = Counter(c["service"] for c in calls)
+    per_route, ids = Counter[str](), Counter[str]()
+    for c in calls:
+        per_route[f"{c['service']} {c['route']}"] += 1
+        ids[f"{c['service']} {c['route']}"] += c["ids"]
+    return {
+        "queries": n_queries,
+        "total": round(len(calls) / n_queries, 3) if n_queries else None,
+        "per_service": {k: round(v / n_queries, 3) for k, v in sorted(per_service.items())},
+        "per_route": {k: round(v / n_queries, 3) for k, v in sorted(per_route.items())},
+        "non_200": sum(1 for c in calls if c.get("status") != 200),
+        "ids_per_call": {k: round(ids[k] / v, 2) for k, v in sorted(per_route.items())},
+    }
+
+
+def ttl_env(seconds: float) -> dict[str, str]:
+    """The variables that set every cached entity's TTL to `seconds` (0: never fresh, so
+    each request fans out in full). Ignored by a gateway without an entity cache."""
+    import schema.types
+    from gateway.loading import Binding
+
+    entities = sorted({b.entity for b in vars(schema.types).values() if isinstance(b, Binding)})
+    return {f"BOOKVAULT_CACHE_{e.upper()}_TTL": f"{seconds:g}" for e in entities}

@@ -34,28 +34,18 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _harness import REPO, Stack, clear_stats, cpu_seconds, fetch_stats, peak_rss_kib, set_faults
+from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, calls_per_query, clear_stats, cpu_seconds, peak_rss_kib,
+                      post_graphql, set_faults, summary, ttl_env, upstream_calls)
 from mock_services.demo_data import shop
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gateway.json"
-EXCLUDED_ROUTES = {"/events", "/healthz"}
 CLIENT_TIMEOUT = 10.0
-
-
-def cache_off_env() -> dict[str, str]:
-    """Every entity's cache TTL at 0 (never fresh): each request fans out in full, which is
-    what the critical path describes. Ignored by a gateway without an entity cache."""
-    import schema.types
-    from gateway.loading import Binding
-
-    entities = sorted({b.entity for b in vars(schema.types).values() if isinstance(b, Binding)})
-    return {f"BOOKVAULT_CACHE_{e.upper()}_TTL": "0" for e in entities}
 
 
 @dataclass(frozen=True)
@@ -70,6 +60,10 @@ class Query:
 
     def variables(self, i: int) -> dict[str, Any]:
         return {"id": self.ids[i % len(self.ids)]}
+
+
+async def request(client: httpx.AsyncClient, url: str, query: Query, i: int, tally: Tally) -> None:
+    await post_graphql(client, url, {"query": query.text, "variables": query.variables(i)}, query.root, tally)
 
 
 def _spread(first: str, count: int, n: int, stride: int) -> list[str]:
@@ -93,86 +87,7 @@ def queries(scale: int, n: int) -> list[Query]:
     ]
 
 
-# -- one request -----------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    latencies_ms: list[float] = field(default_factory=list)
-    ok: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def total(self) -> int:
-        return self.ok + sum(self.failures.values())
-
-
-def _failure(response: httpx.Response, root: str) -> str | None:
-    """None when the response is a clean answer; else why not (short, for counting)."""
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}"
-    try:
-        body = response.json()
-    except ValueError:
-        return "body is not JSON"
-    if not isinstance(body, dict):
-        return "body is not an object"
-    errors = body.get("errors")
-    if errors:
-        first = errors[0] if isinstance(errors, list) and isinstance(errors[0], dict) else {}
-        code = (first.get("extensions") or {}).get("code", "?")
-        return f"errors: {code} at {first.get('path')}: {str(first.get('message', errors))[:80]}"
-    if not isinstance(body.get("data"), dict) or body["data"].get(root) is None:
-        return f"data.{root} is null"
-    return None
-
-
-async def request(client: httpx.AsyncClient, url: str, query: Query, i: int, tally: Tally) -> None:
-    payload = {"query": query.text, "variables": query.variables(i)}
-    started = time.perf_counter()
-    try:
-        response = await client.post(url, json=payload)
-        problem = _failure(response, query.root)
-    except httpx.HTTPError as exc:
-        problem = f"{type(exc).__name__}"
-    tally.latencies_ms.append((time.perf_counter() - started) * 1000)
-    if problem is None:
-        tally.ok += 1
-    else:
-        tally.failures[problem] += 1
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0}
-    return {"n": len(values), "p50_ms": round(percentile(values, 50), 2), "p99_ms": round(percentile(values, 99), 2),
-            "mean_ms": round(sum(values) / len(values), 2), "min_ms": round(min(values), 2),
-            "max_ms": round(max(values), 2)}
-
-
-async def upstream_calls(client: httpx.AsyncClient, stack: Stack, patience: float = 1.0) -> list[dict[str, Any]]:
-    """The services' recorded calls but /events and /healthz, each with its service. A
-    service records a call's end just after sending the answer, so a busy one may not have
-    yet when the gateway has already answered us: asked again until all have ended."""
-    deadline = time.monotonic() + patience
-    while True:
-        stats = await fetch_stats(client, stack.service_urls)
-        calls = [{**r, "service": service} for service, records in stats.items() for r in records
-                 if r.get("route") not in EXCLUDED_ROUTES]
-        if all(c["end"] is not None for c in calls) or time.monotonic() > deadline:
-            return [c if c["end"] is not None else {**c, "end": time.monotonic()} for c in calls]
-        await asyncio.sleep(0.02)
+# -- upstream call graph ---------------------------------------------------------------
 
 
 def levels(calls: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -198,22 +113,6 @@ def describe_waves(waves: list[list[dict[str, Any]]]) -> list[str]:
         calls = Counter(f"{c['service']} {c['route']}" + (f"[{c['ids']}]" if c["ids"] else "") for c in wave)
         out.append(", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(calls.items())))
     return out
-
-
-def calls_per_query(calls: list[dict[str, Any]], n_queries: int) -> dict[str, Any]:
-    per_service = Counter(c["service"] for c in calls)
-    per_route, ids = Counter[str](), Counter[str]()
-    for c in calls:
-        per_route[f"{c['service']} {c['route']}"] += 1
-        ids[f"{c['service']} {c['route']}"] += c["ids"]
-    return {
-        "queries": n_queries,
-        "total": round(len(calls) / n_queries, 3) if n_queries else None,
-        "per_service": {k: round(v / n_queries, 3) for k, v in sorted(per_service.items())},
-        "per_route": {k: round(v / n_queries, 3) for k, v in sorted(per_route.items())},
-        "non_200": sum(1 for c in calls if c.get("status") != 200),
-        "ids_per_call": {k: round(ids[k] / v, 2) for k, v in sorted(per_route.items())},
-    }
 
 
 # -- phases --------------------------------------------------------------------------------
@@ -437,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     started = time.monotonic()
     try:
-        with Stack(scale=args.scale, env=None if args.cache else cache_off_env()) as stack:
+        with Stack(scale=args.scale, env=None if args.cache else ttl_env(0)) as stack:
             print(f"services and gateway ready in {stack.startup_seconds:.1f}s (gateway {stack.gateway_url}, "
                   f"pid {stack.pid('gateway')})", flush=True)
             results = asyncio.run(run(stack, args))
