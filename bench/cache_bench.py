@@ -83,27 +83,24 @@ async def cache_counts(client: httpx.AsyncClient, gateway_url: str) -> Counter[t
 
 
 def hit_ratios(counts: Counter[tuple[str, str, str]], ids_fetched: Counter[str], with_redis: bool) -> dict[str, Any]:
-    """Overall = (L1 hits + L2 hits) / (L1 hits + L2 hits + final misses), the final misses
-    being L2's with Redis and L1's without: every lookup ends as a hit at some level or a
-    final miss. Per level = that level's hits / its lookups (L2 is asked only for L1's
-    misses). A hit is an entry found, fresh or not; `fresh` = 1 - ids fetched upstream /
-    lookups, so hits past their TTL (revalidated upstream) do not count there."""
+    """Overall = (L1 hits + L2 hits) / lookups: the share of lookups answered fresh by some
+    level (a result is `hit` when fresh, `expired` when found past its TTL, `miss`). L2 is
+    asked for what L1 missed or held expired. Per level = that level's hits / its lookups.
+    `fresh` = 1 - ids fetched upstream / lookups, a cross-check from the services' stats."""
 
     def sums(entity: str | None = None) -> dict[str, int]:
         out = Counter[str]()
         for (e, level, result), n in counts.items():
             if entity is None or e == entity:
                 out[f"{level}_{result}"] += n
-        return {k: out[k] for k in ("l1_hit", "l1_miss", "l2_hit", "l2_miss")}
+        return {f"{level}_{r}": out[f"{level}_{r}"] for level in ("l1", "l2") for r in ("hit", "expired", "miss")}
 
     def ratios(s: dict[str, int], fetched: int) -> dict[str, Any]:
-        lookups = s["l1_hit"] + s["l1_miss"]
-        hits = s["l1_hit"] + s["l2_hit"]
-        final_misses = s["l2_miss"] if with_redis else s["l1_miss"]
-        l2_lookups = s["l2_hit"] + s["l2_miss"]
+        lookups = s["l1_hit"] + s["l1_expired"] + s["l1_miss"]
+        l2_lookups = s["l2_hit"] + s["l2_expired"] + s["l2_miss"]
         share = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
         return {**s, "lookups": lookups, "ids_fetched_upstream": fetched,
-                "overall": share(hits, hits + final_misses), "l1": share(s["l1_hit"], lookups),
+                "overall": share(s["l1_hit"] + s["l2_hit"], lookups), "l1": share(s["l1_hit"], lookups),
                 "l2": share(s["l2_hit"], l2_lookups) if with_redis else None,
                 "fresh": share(max(lookups - fetched, 0), lookups)}
 
@@ -389,14 +386,10 @@ def report(results: dict[str, Any], args: argparse.Namespace, stack_info: dict[s
     for line in _table(("configuration", *SERVICES, "total"), call_rows):
         print(line)
     print()
-    print("hit % = (L1 hits + L2 hits) / (L1 hits + L2 hits + final misses); final misses = L2 misses with Redis, "
-          "L1 misses without,")
-    print("        i.e. entity lookups answered by some cache level, from bookvault_cache_requests_total{level,result}")
-    print("L1 %  = L1 hits / L1 lookups;  L2 % = L2 hits / L2 lookups (L2 is asked for L1's misses only; '-': no lookups)")
-    print("fresh % = 1 - ids fetched from the services' batch routes / lookups: a hit past its TTL is still fetched "
-          "(revalidated),")
-    print("        so fresh % <= hit %; the gap is entries found but past their TTL (after a restart, those written"
-          " more than a TTL ago)")
+    print("hit % = (L1 hits + L2 hits) / lookups: lookups answered fresh by some cache level, from")
+    print("        bookvault_cache_requests_total{level,result}; result is hit (fresh), expired (found past its TTL) or miss")
+    print("L1 %  = L1 hits / L1 lookups;  L2 % = L2 hits / L2 lookups (L2 is asked for what L1 missed or held expired)")
+    print("fresh % = 1 - ids fetched from the services' batch routes / lookups: the same share, seen from the services")
     for name, r in out["configurations"].items():
         source = r.get("concurrent") or r["first_pass"]
         ents = source["cache"]["per_entity"]

@@ -110,6 +110,9 @@ def create_app(
             feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait)
             feeds.start()
         readiness = [MEMORY_CACHE] + ([ReadinessProbe("caches", "redis", redis.ping)] if redis else [])
+        if feeds is not None:
+            # Informational: until a feed has its cursor, that service's entries may be dropped.
+            readiness += [ReadinessProbe("feeds", name, feeds.following(name)) for name in owned]
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry,
                                          readiness=readiness, limits=limits)

@@ -287,23 +287,30 @@ class EntityCache:
         return self.clock() - entry.fetched_at <= policy.ttl + policy.max_stale
 
     async def get_many(self, entity: str, scope: str, ids: list[int], policy: CachePolicy) -> dict[int, Entry]:
+        """The newest entry each level holds. Ids without a fresh entry in L1 are looked up
+        in L2 too: another instance may have fetched them since."""
         keys = [self.key(entity, i) for i in ids]
         found = {i: e for i, e in zip(ids, await self.memory.get_many(keys, scope), strict=True) if e is not None}
-        rest = [i for i in ids if i not in found]
-        record_cache(entity, "l1", True, len(found))
-        record_cache(entity, "l1", False, len(rest))
-        if rest and self.redis is not None:
+        self._count(entity, "l1", policy, list(found.values()), len(ids))
+        ask = [i for i in ids if i not in found or not self.fresh(found[i], policy)]
+        if ask and self.redis is not None:
             try:
-                remote = await self.redis.get_many([self.key(entity, i) for i in rest], scope)
+                remote = await self.redis.get_many([self.key(entity, i) for i in ask], scope)
             except RedisUnavailable:
                 remote = []
-            promoted = {i: e for i, e in zip(rest, remote, strict=False) if e is not None}
-            record_cache(entity, "l2", True, len(promoted))
-            record_cache(entity, "l2", False, len(rest) - len(promoted))
-            for i, entry in promoted.items():
-                await self.memory.put(self.key(entity, i), scope, entry, policy.ttl + policy.max_stale)
-            found.update(promoted)
+            self._count(entity, "l2", policy, [e for e in remote if e is not None], len(remote))
+            for i, entry in zip(ask, remote, strict=False):
+                if entry is not None and entry.supersedes(found.get(i)):
+                    await self.memory.put(self.key(entity, i), scope, entry, policy.ttl + policy.max_stale)
+                    found[i] = entry
         return found
+
+    def _count(self, entity: str, level: str, policy: CachePolicy, entries: list[Entry], asked: int) -> None:
+        """Lookups by result: `hit` (fresh), `expired` (found, past its TTL: revalidated), `miss`."""
+        fresh = sum(self.fresh(e, policy) for e in entries)
+        record_cache(entity, level, "hit", fresh)
+        record_cache(entity, level, "expired", len(entries) - fresh)
+        record_cache(entity, level, "miss", asked - len(entries))
 
     async def put_many(self, entity: str, scope: str, entries: dict[int, Entry], policy: CachePolicy) -> None:
         keep = policy.ttl + policy.max_stale

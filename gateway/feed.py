@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from .cache import EntityCache, RedisUnavailable
@@ -49,6 +49,14 @@ class FeedFollower:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def following(self, service: str) -> Callable[[], Awaitable[bool]]:
+        """A readiness check: has `service`'s feed a cursor yet?"""
+
+        async def check() -> bool:
+            return service in self.cursors
+
+        return check
 
     async def started(self) -> None:
         """Wait until every feed has a cursor (and any untrusted Redis entries are dropped)."""

@@ -65,7 +65,7 @@ class Metrics:
             "bookvault_upstream_breaker_state", "Circuit breaker per service: 0 closed, 1 half-open, 2 open",
             ["service"], registry=registry)
         self.cache = Counter(
-            "bookvault_cache_requests_total", "Entity cache lookups by entity type, level (l1, l2) and result",
+            "bookvault_cache_requests_total", "Entity cache lookups by entity type, level (l1, l2) and result (hit, expired, miss)",
             ["entity", "level", "result"], registry=registry)
         self.stale = Counter(
             "bookvault_cache_stale_served_total", "Entities served stale because their service failed",
@@ -101,10 +101,11 @@ def current() -> Metrics | None:
     return _CURRENT.get()
 
 
-def record_cache(entity: str, level: str, hit: bool, count: int = 1) -> None:
-    """`count` lookups of `entity` at `level` ("l1" or "l2") that hit or missed."""
-    if (m := _CURRENT.get()) is not None:
-        m.cache.labels(entity, level, "hit" if hit else "miss").inc(count)
+def record_cache(entity: str, level: str, result: str, count: int = 1) -> None:
+    """`count` lookups of `entity` at `level` ("l1" or "l2") with `result` "hit" (fresh),
+    "expired" (found past its TTL, so revalidated) or "miss"."""
+    if count and (m := _CURRENT.get()) is not None:
+        m.cache.labels(entity, level, result).inc(count)
 
 
 def record_stale(entity: str, count: int = 1) -> None:

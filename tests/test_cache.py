@@ -264,3 +264,16 @@ async def test_an_open_breaker_serves_stale_books_without_calling_the_catalog(sh
         assert [s["service"] for s in served["extensions"]["stale"]] == ["catalog"]
         assert (await count_calls(shop))["catalog"] == 0
         assert (await client.get("/readyz")).json()["services"]["catalog"]["breaker"] == "open"
+
+
+async def test_an_expired_local_entry_is_refreshed_from_redis_before_the_service(shop: Shop, namespace: str) -> None:
+    """When another gateway has revalidated an entry, one whose own copy expired takes it from Redis, not the catalog."""
+    clock = Clock()
+    async with running_gateway(shop, wall_clock=clock, redis_url=REDIS, cache_namespace=namespace) as (a, _), \
+            running_gateway(shop, wall_clock=clock, redis_url=REDIS, cache_namespace=namespace) as (b, _):
+        await ask(b, BOOK, id="51")
+        clock.now += 31  # both copies are past the book TTL (30 s)
+        await ask(a, BOOK, id="51")  # A revalidates at the catalog and writes a fresh entry to Redis
+        assert (await count_calls(shop))["catalog"] == 2
+        assert (await ask(b, BOOK, id="51"))["data"]["book"]["id"] == "51"
+        assert (await count_calls(shop))["catalog"] == 0

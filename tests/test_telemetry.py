@@ -295,7 +295,8 @@ async def test_cache_retries_stale_and_breaker_facts_land_on_the_batch_span_and_
         (0, 2, 0, 0), (2, 0, 0, 0), (0, 2, 2, 2)]
     assert stale.attributes["error.type"] == "UPSTREAM_UNAVAILABLE" and stale.status.status_code is StatusCode.ERROR
     assert stale.attributes["bookvault.breaker.state"] == "open"  # three failed attempts in a row
-    assert value(series, "bookvault_cache_requests_total", entity="book", level="l1", result="hit") == 2 + 2
+    assert value(series, "bookvault_cache_requests_total", entity="book", level="l1", result="hit") == 2
+    assert value(series, "bookvault_cache_requests_total", entity="book", level="l1", result="expired") == 2
     assert value(series, "bookvault_cache_stale_served_total", entity="book") == 2
     assert value(series, "bookvault_upstream_retries_total", service="catalog") == 2
     assert value(series, "bookvault_upstream_breaker_state", service="catalog") == 2  # open
