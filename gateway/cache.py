@@ -275,6 +275,12 @@ class EntityCache:
         # Entries fetched before this moment are not trusted as fresh: their service's
         # change feed could not be read since, so a change may have been missed.
         self._trusted_after: dict[str, float] = {}
+        # Bumped by every change event and drop of an entity type: a read in flight from an
+        # earlier epoch may carry an older version, so a newer request must not join it.
+        self._epochs: dict[str, int] = {}
+
+    def epoch(self, entity: str) -> int:
+        return self._epochs.get(entity, 0)
 
     def key(self, entity: str, entity_id: int | str) -> str:
         return f"{self.namespace}:{FORMAT}:{entity}:{entity_id}"
@@ -324,6 +330,7 @@ class EntityCache:
                 pass
 
     async def invalidate(self, entity: str, entity_id: int, version: int, keep: float) -> None:
+        self._epochs[entity] = self.epoch(entity) + 1
         key = self.key(entity, entity_id)
         await self.memory.invalidate(key, version, keep)
         if self.redis is not None:
@@ -339,6 +346,7 @@ class EntityCache:
         """Forget a service's entries (a gap in its feed: changes were missed)."""
         self.distrust(service)
         for entity in entities:
+            self._epochs[entity] = self.epoch(entity) + 1
             prefix = self.key(entity, "")
             await self.memory.drop_prefix(prefix)
             if self.redis is not None:

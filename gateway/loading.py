@@ -20,8 +20,9 @@ from strawberry.types import Info
 
 from .cache import CachePolicy, EntityCache, Entry
 from .errors import NotFound, UpstreamBadResponse, UpstreamError
-from .resilience import Deadline
+from .flights import SingleFlight
 from .metrics import record_stale
+from .resilience import Deadline
 from .telemetry import annotate, batch_span, failed
 from .upstream import Upstream
 
@@ -73,12 +74,14 @@ class Loaders:
         identity: str | None = None,
         policies: Mapping[str, CachePolicy] | None = None,
         deadline: Deadline | None = None,
+        flights: SingleFlight | None = None,
     ) -> None:
         self.upstream = upstream
         self.cache = cache
         self.identity = identity
         self.policies = policies or {}
         self.deadline = deadline
+        self.flights = flights
         self._loaders: dict[str, DataLoader[int, Any]] = {}
 
     def load(self, binding: Binding, key: int) -> Any:
@@ -152,13 +155,28 @@ class Loaders:
         """One batch call; per key the payload (or None), or the error for every key."""
         url = f"{binding.path}?{binding.param}={','.join(map(str, keys))}"
         try:
-            found = _index(await self.upstream.get_json(binding.service, url, deadline=self.deadline), binding)
+            found = await self._shared_get(binding, url)
         except UpstreamError as exc:
             failed(exc)
             return [exc] * len(keys)
         if raw:
             return [found.get(key) for key in keys]
         return [self._result(binding, key, found.get(key)) for key in keys]
+
+    async def _shared_get(self, binding: Binding, url: str) -> dict[int, dict[str, Any]]:
+        async def get() -> dict[int, dict[str, Any]]:
+            return _index(await self.upstream.get_json(binding.service, url, deadline=self.deadline), binding)
+
+        policy = self.policies.get(binding.entity, binding.policy)
+        private = policy is None or policy.private
+        if self.flights is None or (private and not self.identity):
+            return await get()  # anonymous callers of private data share nothing
+        # A flight begun before a change event for this type may carry the old version.
+        epoch = self.cache.epoch(binding.entity) if self.cache is not None else 0
+        found, joined = await self.flights.do((binding.service, url, self.identity if private else None, epoch), get)
+        if joined:
+            annotate(shared_flight=True)
+        return found
 
     @staticmethod
     def _result(binding: Binding, key: int, payload: dict[str, Any] | None) -> Any:

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from .cache import CachePolicy, EntityCache
 from .config import Settings
 from .feed import FeedFollower
+from .flights import SingleFlight
 from .health import ReadinessProbe
 from .resilience import Resilience
 from .telemetry import Telemetry
@@ -30,6 +31,7 @@ class GatewayState:
     # What /readyz checks besides the breakers; backends (caches...) append theirs.
     readiness: list[ReadinessProbe] = field(default_factory=list)
     limits: asyncio.Task[None] | None = None  # learning the services' maxBatch
+    flights: SingleFlight = field(default_factory=SingleFlight)  # reads shared by concurrent requests
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -61,6 +61,7 @@ _ATTRIBUTES = {
     "breaker_state": "bookvault.breaker.state",
     "http_status": "http.response.status_code",
     "error_type": "error.type",
+    "shared_flight": "bookvault.single_flight.shared",
 }
 
 

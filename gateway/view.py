@@ -89,7 +89,7 @@ class GatewayGraphQL(GraphQL[RequestContext, None]):
         state = gateway_state(request)
         deadline = Deadline.for_request(state.settings.resilience.deadline, request.headers.get(DEADLINE_HEADER))
         loaders = Loaders(state.upstream, state.cache, identity(request, state.settings.identity_header), state.policies,
-                          deadline)
+                          deadline, state.flights)
         context = RequestContext(request, response, loaders, negotiate(request.headers.get("accept")))
         request.scope[_CONTEXT] = context
         return context

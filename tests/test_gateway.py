@@ -242,3 +242,21 @@ async def test_a_repeated_query_is_not_parsed_again(gateway: httpx.AsyncClient) 
 def test_exported_sdl_matches_the_code() -> None:
     """schema/schema.graphql is the schema the code serves (regenerate: bookvault schema > schema/schema.graphql)."""
     assert SDL_PATH.read_text() == sdl()
+
+
+async def test_concurrent_identical_reads_share_one_upstream_call(shop: Shop) -> None:
+    """Requests in flight together share identical batch reads; private data only within one caller."""
+    await shop.faults("catalog", latencyMs=50, paths=["/books"])
+    await shop.faults("customers", latencyMs=50, paths=["/customers"])
+    query = '{ book(id: 61) { title } customer(id: 8) { name } }'
+    async with running_gateway(shop) as (client, _):
+
+        async def as_caller(who: str) -> dict[str, Any]:
+            response = await client.post("/graphql", json={"query": query}, headers={"authorization": who})
+            return response.json()
+
+        bodies = await asyncio.gather(*(as_caller(who) for who in ("alice", "alice", "alice", "bob", "bob")))
+    assert all(b["data"] == bodies[0]["data"] and "errors" not in b for b in bodies)
+    calls = await shop.calls()
+    assert len(calls["catalog"]) == 1  # public: one call for all five requests
+    assert len(calls["customers"]) == 2  # private: one per caller
