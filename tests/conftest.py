@@ -15,11 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from starlette.applications import Starlette
 
 from mock_services import SERVICES, create_app
-from shop import gateway, shop  # noqa: F401  (fixtures for the gateway's tests)
+from shop import gateway, on_a_real_port, shop  # noqa: F401  (fixtures for the gateway's tests)
 
 Serve = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
 OpenService = Callable[..., Awaitable[httpx.AsyncClient]]
@@ -110,30 +108,13 @@ def unused_ports() -> Callable[[int], list[int]]:
 @pytest.fixture
 async def live_service(data_dir: Path) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """`url = await live_service("catalog", admin=True)`: the app on uvicorn on a real socket."""
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None], socket.socket]] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(name: str, **options: Any) -> str:
-        app: Starlette = create_app(SERVICES[name], data_dir=data_dir, **options)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        servers.append((server, task, sock))
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()  # raise why it stopped
-        assert server.started, f"{name} did not start"
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async def start(name: str, **options: Any) -> str:
+            app = create_app(SERVICES[name], data_dir=data_dir, **options)
+            return await stack.enter_async_context(on_a_real_port(app, lifespan="on"))
 
-    yield start
-    for server, _, _ in servers:
-        server.should_exit = True
-    await asyncio.gather(*(task for _, task, _ in servers))
-    for _, _, sock in servers:
-        sock.close()
+        yield start
 
 
 @pytest.fixture

@@ -153,12 +153,12 @@ def closed_port_url() -> str:
 
 
 @contextlib.asynccontextmanager
-async def on_a_real_port(app: Any) -> AsyncIterator[str]:
-    """Serve an already started app (its lifespan entered) on a real 127.0.0.1 socket, so
-    httpx's own timeouts apply; yields its URL."""
+async def on_a_real_port(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
+    """Serve `app` on a real 127.0.0.1 socket, so httpx's own timeouts apply; yields its URL.
+    `lifespan="on"` has uvicorn run the app's lifespan, "off" is for an app already started."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=1))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning", timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(5):
