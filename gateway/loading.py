@@ -99,8 +99,11 @@ class Loaders:
         with contract(binding.service, f"{binding.entity} page"):
             return {**body, "data": [binding.parse(item) for item in body["data"]]}
 
+    def _policy(self, binding: Binding) -> CachePolicy | None:
+        return self.policies.get(binding.entity, binding.policy)
+
     def _scope(self, binding: Binding) -> tuple[CachePolicy, str] | None:
-        policy = self.policies.get(binding.entity, binding.policy)
+        policy = self._policy(binding)
         if self.cache is None or policy is None:
             return None
         if policy.private:
@@ -167,7 +170,7 @@ class Loaders:
         async def get() -> dict[int, dict[str, Any]]:
             return _index(await self.upstream.get_json(binding.service, url, deadline=self.deadline), binding)
 
-        policy = self.policies.get(binding.entity, binding.policy)
+        policy = self._policy(binding)
         private = policy is None or policy.private
         if self.flights is None or (private and not self.identity):
             return await get()  # anonymous callers of private data share nothing
