@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 
-from .config import MAX_BODY_BYTES, ResilienceConfig, ServiceConfig
+from .config import ResilienceConfig, ServiceConfig
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
 from .telemetry import httpx_event_hooks
 
-__all__ = ["Upstream", "MAX_BODY_BYTES"]
+__all__ = ["Upstream"]
 
 
 def _is_json(content_type: str) -> bool:
