@@ -4,13 +4,19 @@
 
 # Build stage: the package and its dependencies installed into a virtualenv, which the
 # runtime stage copies whole. Build tools and pip's cache never reach the final image.
+# Installing the package runs hatch_build.py, which fetches GraphiQL's browser files from the
+# npm registry and checks them against gateway/graphiql/assets.lock.json (README, "GraphiQL");
+# a mirror: docker build --build-arg NPM_CONFIG_REGISTRY=https://npm.example/ .
 FROM python:3.12-slim-bookworm AS build
+ARG NPM_CONFIG_REGISTRY=https://registry.npmjs.org/
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md hatch_build.py ./
+COPY bookvault ./bookvault
 COPY gateway ./gateway
 COPY schema ./schema
 COPY mock_services ./mock_services
-RUN python -m venv /venv && /venv/bin/pip install --no-cache-dir .
+RUN python -m venv /venv && /venv/bin/pip install --no-cache-dir . \
+    && /venv/bin/python -c "import gateway.graphiql.assets as a; assert a.load_assets(), 'GraphiQL assets missing'"
 
 # Runtime stage: the same slim base (the virtualenv's interpreter path stays valid), a
 # non-root user, and /data owned by it, so a named volume mounted there is writable.

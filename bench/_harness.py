@@ -331,7 +331,7 @@ def ttl_env(seconds: float) -> dict[str, str]:
     """The variables that set every cached entity's TTL to `seconds` (0: never fresh, so
     each request fans out in full). Ignored by a gateway without an entity cache."""
     import schema.types
-    from gateway.loading import Binding
+    from gateway import Binding
 
     entities = sorted({b.entity for b in vars(schema.types).values() if isinstance(b, Binding)})
     return {f"BOOKVAULT_CACHE_{e.upper()}_TTL": f"{seconds:g}" for e in entities}

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the OTLP receiver the tests use
 
 from otlp_receiver import OtlpReceiver  # noqa: E402
 
-from gateway import Settings, create_app  # noqa: E402
+from bookvault import create_app  # noqa: E402
+from gateway import Settings
 from gateway.config import DEFAULT_PORTS, ServiceConfig  # noqa: E402
 from mock_services.runner import _wait_ready, service_children  # noqa: E402
 

@@ -1,6 +1,7 @@
-"""BookVault Gateway: a GraphQL BFF over the BookVault services."""
+"""BookVault Gateway: a GraphQL BFF over the BookVault services (ARCHITECTURE.md)."""
 
-from .app import create_app
+from .app import Api, create_app, executable_schema
+from .cache import CachePolicy
 from .config import ServiceConfig, Settings
 from .errors import (
     BadUserInput,
@@ -11,14 +12,20 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .loading import Binding, Loaders
+from .relations import Relation, resolve
+from .source import Binding, EntitySource
 
 __all__ = [
+    "Api",
     "create_app",
+    "executable_schema",
     "Settings",
     "ServiceConfig",
     "Binding",
-    "Loaders",
+    "CachePolicy",
+    "EntitySource",
+    "Relation",
+    "resolve",
     "GatewayError",
     "BadUserInput",
     "NotFound",

@@ -1,5 +1,6 @@
-"""The gateway's ASGI app: strawberry at /graphql on Starlette, shared clients made in
-the lifespan."""
+"""The gateway's ASGI app: the GraphQL view at /graphql on Starlette, shared clients made
+in the lifespan. What it serves (types and bindings) is given to `create_app`: the gateway
+never imports the schema (ARCHITECTURE.md, "Modules")."""
 
 from __future__ import annotations
 
@@ -7,29 +8,66 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import replace
+from typing import Any
+from dataclasses import dataclass, replace
 
 import httpx
+import strawberry
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
+from strawberry.asgi import GraphQL
 
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
+from .consistency import Consistency
+from .cors import cors_middleware
 from .feed import FeedFollower
+from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
 from .health import MEMORY_CACHE, ReadinessProbe, readyz
-from .loading import Binding
+from .flights import SingleFlight
 from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
+from .persisted import QueryStore, TrustedDocuments
 from .resilience import BreakerState, Resilience
+from .source import Binding, EntitySource
 from .state import GatewayState, gateway_state
 from .telemetry import Telemetry, TelemetryMiddleware, annotate, tracer_provider_from_env
 from .upstream import Upstream
-from .view import GatewayGraphQL
+from .view import GraphQLView
 
-__all__ = ["create_app"]
+__all__ = ["Api", "create_app", "executable_schema"]
+
+
+@dataclass(frozen=True)
+class Api:
+    """What a gateway serves: the root Query type, the entity bindings it reads through, and
+    the root Mutation type if it writes (ARCHITECTURE.md, "Writes")."""
+
+    query: type
+    bindings: tuple[Binding, ...]
+    mutation: type | None = None
+
+
+class _Schema(strawberry.Schema):
+    def process_errors(self, errors: list[Any], execution_context: Any = None) -> None:
+        # strawberry logs every error with its traceback; client and upstream errors are
+        # expected, and internal ones are logged where the view masks them.
+        return None
+
+
+def executable_schema(query: type, mutation: type | None = None) -> strawberry.Schema:
+    return _Schema(query=query, mutation=mutation)
+
+
+class _Strawberry(GraphQL):  # type: ignore[type-arg]
+    """strawberry's view, for what the planned view hands it (browsers, WebSockets), with
+    GraphiQL served from this gateway instead of strawberry's CDN page."""
+
+    async def render_graphql_ide(self, request: Request) -> Response:  # type: ignore[override]
+        return graphiql_response(request)
 
 
 async def healthz(request: Request) -> Response:
@@ -74,6 +112,7 @@ def _observe(resilience: Resilience, telemetry: Telemetry) -> None:
 
 
 def create_app(
+    api: Api,
     settings: Settings | None = None,
     *,
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
@@ -85,13 +124,14 @@ def create_app(
     `clock` is the circuit breakers' and `wall_clock` the cache's (tests move them
     instead of sleeping through a cool-down or a TTL); `tracer_provider` replaces the one
     made from the OTEL_* variables (tests record spans)."""
-    from schema import BINDINGS, schema  # the schema imports the machinery, not the other way round
-
     settings = settings or Settings.from_env()
-    cache_policies = policies(settings, BINDINGS)
+    schema = executable_schema(api.query, api.mutation)
+    cache_policies = policies(settings, api.bindings)
     owned: dict[str, list[str]] = {name: [] for name in settings.services}
-    for binding in BINDINGS:
-        owned.setdefault(binding.service, []).append(binding.entity)
+    feed_keys = {b.entity: b.feed_key for b in api.bindings if b.feed_key is not None}
+    for binding in api.bindings:
+        if binding.policy is not None:
+            owned.setdefault(binding.service, []).append(binding.entity)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -107,35 +147,53 @@ def create_app(
         feeds = None
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
-            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait)
+            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys)
             feeds.start()
+        # Floor raises other instances publish reach this one's L1 without waiting for its follower.
+        listening = asyncio.create_task(cache.listen(), name="floor-channel") if redis and settings.floor_channel else None
+        consistency = Consistency(settings.services, settings.token_secret(), feeds, settings.consistency_wait)
         readiness = [MEMORY_CACHE] + ([ReadinessProbe("caches", "redis", redis.ping)] if redis else [])
         if feeds is not None:
             # Informational: until a feed has its cursor, that service's entries may be dropped.
             readiness += [ReadinessProbe("feeds", name, feeds.following(name)) for name in owned]
+        source = EntitySource(upstream, cache, cache_policies, SingleFlight())
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
-                                         policies=cache_policies, feeds=feeds, telemetry=telemetry,
-                                         readiness=readiness, limits=limits)
+                                         policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
+                                         readiness=readiness, limits=limits, consistency=consistency)
         try:
             yield
         finally:
             if limits is not None:
                 limits.cancel()
+            if listening is not None:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
             if feeds is not None:
                 await feeds.stop()
             await upstream.aclose()
             if redis is not None:
                 await redis.close()
+            await store.close()
+            view.documents.close()
             if tracer_provider is None:  # ours: export what is still buffered, off the event loop
                 await asyncio.to_thread(telemetry.tracer_provider.shutdown)
 
-    return Starlette(
+    # Persisted queries: memory, and Redis when there is one (shared by every instance).
+    store = QueryStore(settings.apq_max_entries, settings.redis_url, namespace=settings.cache_namespace,
+                       timeout=settings.redis_timeout, rest=settings.redis_rest, ttl=settings.apq_ttl)
+    trusted = TrustedDocuments.load(settings.trusted_documents) if settings.trusted_documents else None
+    view = GraphQLView(schema, _Strawberry(schema), settings, store, trusted)
+    app = Starlette(
         routes=[
-            Route("/graphql", TelemetryMiddleware(GatewayGraphQL(schema), _telemetry)),
+            Route("/graphql", TelemetryMiddleware(view, _telemetry)),
+            Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/", home),
         ],
+        middleware=cors_middleware(settings.cors_origins, settings.identity_header),
         lifespan=lifespan,
     )
+    app.state.graphql = view  # its document cache and planner, for tests and benches
+    return app

@@ -1,4 +1,4 @@
-"""The versioned entity cache (DESIGN §5): L1 in process, L2 in Redis when configured.
+"""The versioned entity cache (ARCHITECTURE.md, "Versioned cache"): L1 in process, L2 in Redis when configured.
 
 An entity's key holds a *slot*: a version floor (the newest version the change feed has
 announced) and one entry per scope ("public", or a caller's identity hash for private
@@ -7,19 +7,29 @@ by compare-and-set in L1 and by a Lua script in Redis. So a slow response carryi
 version 2 that lands after version 3 (or after the event announcing 3) changes nothing.
 
 Redis trouble never fails a request: every call has a short timeout, a failure is
-counted, and Redis is left alone for a moment before it is tried again.
+counted, and Redis is left alone for a moment before it is tried again. A floor raise
+that could not reach Redis is queued (bounded) and applied when Redis answers again, and
+an L2 entry older than the floor this instance holds in L1 is never served: Redis being
+away for a while never brings an old version back (ARCHITECTURE.md, "Versioned cache").
+
+Floor raises are also published on a Redis channel per namespace, so every instance's L1
+learns of a change from whichever instance applied it first, not only from its own feed
+follower.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis.asyncio as aioredis
 from aiocache import RedisCache, SimpleMemoryCache
 
 from .metrics import record_cache
@@ -28,8 +38,8 @@ __all__ = ["CachePolicy", "Entry", "EntityCache", "MemoryLevel", "RedisLevel", "
 
 log = logging.getLogger("bookvault.cache")
 # Bumped whenever the cached payload's shape changes, so a new release never reads
-# entries an old one wrote (DESIGN §5).
-FORMAT = "c1"
+# entries an old one wrote (ARCHITECTURE.md, "Versioned cache").
+FORMAT = "c2"
 Clock = Callable[[], float]
 
 
@@ -46,15 +56,26 @@ class Entry:
     version: int
     fetched_at: float
     service: str
+    # The payload parsed into its GraphQL type, made on first use and kept with the entry in
+    # L1, so a warm read does not parse the same payload again. Read-only for its users.
+    parsed: Any = field(default=None, compare=False, repr=False)
+    # The service's feed position when the payload was read (its `X-Feed-Seq`; 0: unknown):
+    # the payload reflects every change up to it. Consistency tokens are made of these.
+    seq: int = 0
+
+    def parse(self, parse: Callable[[dict[str, Any]], Any]) -> Any:
+        if self.parsed is None:
+            object.__setattr__(self, "parsed", parse(self.payload))  # type: ignore[arg-type]
+        return self.parsed
 
     def dumps(self) -> str:
         return json.dumps({"payload": self.payload, "version": self.version, "fetchedAt": self.fetched_at,
-                           "service": self.service}, separators=(",", ":"))
+                           "service": self.service, "seq": self.seq}, separators=(",", ":"))
 
     @classmethod
     def loads(cls, raw: str | bytes) -> Entry:
         d = json.loads(raw)
-        return cls(d["payload"], int(d["version"]), float(d["fetchedAt"]), d["service"])
+        return cls(d["payload"], int(d["version"]), float(d["fetchedAt"]), d["service"], seq=int(d.get("seq", 0)))
 
     def supersedes(self, other: Entry | None) -> bool:
         """Newer version, or the same version fetched later (a revalidation)."""
@@ -71,15 +92,20 @@ class MemoryLevel:
     """L1: aiocache's memory cache, bounded in keys (oldest written out first).
 
     Slots are immutable; a write is a compare-and-set on the slot it read
-    (aiocache's ``_cas_token``), retried when another task wrote in between."""
+    (aiocache's ``_cas_token``), retried when another task wrote in between.
+
+    It calls the backend's own methods (``_multi_get``, ``_get``, ``_add``, ``_set``: the
+    hooks aiocache's public API wraps) because the wrappers' timeout, plugin and
+    key-building layers cost more than the lookup itself, on every entity of every request."""
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
         self._cache = _BoundedMemoryCache(max_keys)
 
-    async def get_many(self, keys: list[str], scope: str) -> list[Entry | None]:
-        slots: list[Slot | None] = await self._cache.multi_get(keys)
-        return [_visible(slot, scope) for slot in slots]
+    async def get_many(self, keys: list[str], scope: str) -> tuple[list[Entry | None], list[int]]:
+        """Each key's visible entry, and its version floor (0: none known)."""
+        slots: list[Slot | None] = await self._cache._multi_get(keys)
+        return [_visible(slot, scope) for slot in slots], [slot.floor if slot else 0 for slot in slots]
 
     async def put(self, key: str, scope: str, entry: Entry, ttl: float) -> bool:
         return await self._update(key, ttl, lambda slot: _with_entry(slot, scope, entry))
@@ -87,22 +113,25 @@ class MemoryLevel:
     async def invalidate(self, key: str, version: int, ttl: float) -> None:
         await self._update(key, ttl, lambda slot: _with_floor(slot, version))
 
+    async def evict(self, key: str, ttl: float) -> None:
+        await self._update(key, ttl, lambda slot: Slot(slot.floor) if slot.entries else None)
+
     async def drop_prefix(self, prefix: str) -> None:
         await self._cache.clear(namespace=prefix)
 
     async def _update(self, key: str, ttl: float, change: Callable[[Slot], Slot | None]) -> bool:
         while True:
-            old: Slot | None = await self._cache.get(key)
+            old: Slot | None = await self._cache._get(key)
             new = change(old or Slot())
             if new is None:
                 return False
             if old is None:
                 try:
-                    await self._cache.add(key, new, ttl=ttl)
+                    await self._cache._add(key, new, ttl=ttl)
                     return True
                 except ValueError:  # another task created it first: read again
                     continue
-            if await self._cache.set(key, new, ttl=ttl, _cas_token=old):
+            if await self._cache._set(key, new, ttl=ttl, _cas_token=old):
                 return True
 
 
@@ -169,16 +198,32 @@ for i, key in ipairs(KEYS) do
 end
 return applied
 """
-# KEYS[1]: slot; ARGV: announced version, expiry ms. Raises the floor, drops older entries.
+# KEYS: slots; ARGV: channel ('' for none), origin, then per key: announced version, expiry
+# ms. Raises each floor, drops older entries, and publishes the floors it raised (one
+# message), so other instances raise theirs in L1 without waiting for their own follower.
 _INVALIDATE = """
-local version = tonumber(ARGV[1])
-if version <= tonumber(redis.call('HGET', KEYS[1], '_floor') or '0') then return 0 end
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if all[i] ~= '_floor' and cjson.decode(all[i + 1]).version < version then redis.call('HDEL', KEYS[1], all[i]) end
+local raised = {}
+for i, key in ipairs(KEYS) do
+  local version, expiry = tonumber(ARGV[i * 2 + 1]), tonumber(ARGV[i * 2 + 2])
+  if version > tonumber(redis.call('HGET', key, '_floor') or '0') then
+    local all = redis.call('HGETALL', key)
+    for j = 1, #all, 2 do
+      if all[j] ~= '_floor' and cjson.decode(all[j + 1]).version < version then redis.call('HDEL', key, all[j]) end
+    end
+    redis.call('HSET', key, '_floor', version)
+    redis.call('PEXPIRE', key, expiry)
+    raised[#raised + 1] = {key, version, expiry}
+  end
 end
-redis.call('HSET', KEYS[1], '_floor', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if #raised > 0 and ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], cjson.encode({o = ARGV[2], r = raised})) end
+return #raised
+"""
+# KEYS[1]: slot. Drops every scope's entry, keeps the floor.
+_EVICT = """
+local all = redis.call('HKEYS', KEYS[1])
+for i = 1, #all do
+  if all[i] ~= '_floor' then redis.call('HDEL', KEYS[1], all[i]) end
+end
 return 1
 """
 # KEYS[1]: a feed cursor; ARGV[1]: seq. Cursors only move forward.
@@ -197,6 +242,8 @@ class RedisLevel:
     """L2: Redis through aiocache's Redis backend, shared by every gateway instance."""
 
     def __init__(self, url: str, timeout: float = 0.05, rest: float = 1.0, clock: Clock = time.monotonic) -> None:
+        self.url = url
+        self.timeout = timeout
         parts = urlsplit(url)
         db = int(parts.path.lstrip("/") or 0)
         self._cache = RedisCache(endpoint=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=db,
@@ -209,6 +256,9 @@ class RedisLevel:
 
     async def close(self) -> None:
         await self._cache.close()
+
+    def resting(self) -> bool:
+        return self._clock() < self._resting_until
 
     async def _call(self, command: str, *args: Any) -> Any:
         if self._clock() < self._resting_until:
@@ -237,8 +287,40 @@ class RedisLevel:
             args += [entry.dumps(), entry.version, repr(entry.fetched_at)]
         return int(await self._call("eval", _PUT, len(items), *items, *args))
 
-    async def invalidate(self, key: str, version: int, ttl: float) -> None:
-        await self._call("eval", _INVALIDATE, 1, key, version, int(ttl * 1000))
+    async def invalidate_many(self, floors: dict[str, tuple[int, float]], channel: str = "", origin: str = "") -> int:
+        """Raise each key's floor to its version (kept `ttl` seconds); publish the raised ones on `channel`."""
+        args: list[Any] = [channel, origin]
+        for version, ttl in floors.values():
+            args += [version, int(ttl * 1000)]
+        return int(await self._call("eval", _INVALIDATE, len(floors), *floors, *args))
+
+    async def listen(self, channel: str, apply: Callable[[bytes], Awaitable[None]],
+                     connected: Callable[[], Awaitable[None]]) -> None:
+        """Apply every message published on `channel`, for ever: a subscription of its own
+        (redis-py's pub/sub), made again after a failure; `connected` runs on each
+        (re)subscription, when what was missed meanwhile can be caught up."""
+        delay = 0.2
+        while True:
+            # No read timeout: an idle subscription waits; connecting is bounded like every call.
+            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=max(self.timeout, 0.5))
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await asyncio.wait_for(pubsub.subscribe(channel), max(self.timeout, 0.5) * 4)
+                    delay = 0.2
+                    await connected()
+                    async for message in pubsub.listen():
+                        await apply(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # redis.RedisError, OSError, a timeout: subscribe again later
+                log.debug("floor channel lost, subscribing again in %.1fs: %r", delay, exc)
+            finally:
+                await client.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def evict(self, key: str) -> None:
+        await self._call("eval", _EVICT, 1, key)
 
     async def drop_prefix(self, prefix: str) -> None:
         cursor: Any = 0
@@ -267,7 +349,7 @@ class EntityCache:
     """L1, then L2, for (entity, id) in a scope; knows nothing of what the entities are."""
 
     def __init__(self, memory: MemoryLevel, redis: RedisLevel | None = None, clock: Clock = time.time,
-                 namespace: str = "bv") -> None:
+                 namespace: str = "bv", max_pending: int = 10_000) -> None:
         self.namespace = namespace
         self.memory = memory
         self.redis = redis
@@ -278,6 +360,16 @@ class EntityCache:
         # Bumped by every change event and drop of an entity type: a read in flight from an
         # earlier epoch may carry an older version, so a newer request must not join it.
         self._epochs: dict[str, int] = {}
+        # Floor raises Redis did not get (it was away): key -> (version, seconds kept),
+        # applied when it answers again. Past `max_pending` keys, the entity types whose
+        # raises were lost are dropped from Redis instead (`_lost`).
+        self.max_pending = max_pending
+        self._pending: dict[str, tuple[int, float]] = {}
+        self._lost: set[str] = set()
+        self._repairing = asyncio.Lock()
+        self.origin = uuid.uuid4().hex[:12]  # this instance, on the floor channel
+        self.channel = f"{namespace}:{FORMAT}:floors"
+        self.heard = 0  # floor raises learnt from other instances over the channel
 
     def epoch(self, entity: str) -> int:
         return self._epochs.get(entity, 0)
@@ -289,31 +381,49 @@ class EntityCache:
         return (self.clock() - entry.fetched_at < policy.ttl
                 and entry.fetched_at >= self._trusted_after.get(entry.service, float("-inf")))
 
+    def fresh_keys(self, entries: dict[Any, Entry], policy: CachePolicy) -> set[Any]:
+        now = self.clock()
+        return {k for k, e in entries.items() if now - e.fetched_at < policy.ttl
+                and e.fetched_at >= self._trusted_after.get(e.service, float("-inf"))}
+
     def usable_stale(self, entry: Entry, policy: CachePolicy) -> bool:
         return self.clock() - entry.fetched_at <= policy.ttl + policy.max_stale
 
     async def get_many(self, entity: str, scope: str, ids: list[int], policy: CachePolicy) -> dict[int, Entry]:
         """The newest entry each level holds. Ids without a fresh entry in L1 are looked up
-        in L2 too: another instance may have fetched them since."""
+        in L2 too: another instance may have fetched them since. An L2 entry older than
+        the floor L1 holds is never taken: Redis missed that raise (it was away), and is
+        told again."""
         keys = [self.key(entity, i) for i in ids]
-        found = {i: e for i, e in zip(ids, await self.memory.get_many(keys, scope), strict=True) if e is not None}
+        entries, floors = await self.memory.get_many(keys, scope)
+        found = {i: e for i, e in zip(ids, entries, strict=True) if e is not None}
         self._count(entity, "l1", policy, list(found.values()), len(ids))
-        ask = [i for i in ids if i not in found or not self.fresh(found[i], policy)]
+        ask = [(i, k, f) for i, k, f in zip(ids, keys, floors, strict=True) if i not in found or not self.fresh(found[i], policy)]
         if ask and self.redis is not None:
             try:
-                remote = await self.redis.get_many([self.key(entity, i) for i in ask], scope)
+                remote = await self.redis.get_many([k for _, k, _ in ask], scope)
             except RedisUnavailable:
                 remote = []
             self._count(entity, "l2", policy, [e for e in remote if e is not None], len(remote))
-            for i, entry in zip(ask, remote, strict=False):
-                if entry is not None and entry.supersedes(found.get(i)):
-                    await self.memory.put(self.key(entity, i), scope, entry, policy.ttl + policy.max_stale)
+            keep = policy.ttl + policy.max_stale
+            for (i, key, floor), entry in zip(ask, remote, strict=False):
+                if entry is None:
+                    continue
+                if entry.version < floor:
+                    self._pend(entity, key, floor, keep)
+                elif entry.supersedes(found.get(i)):
+                    await self.memory.put(key, scope, entry, keep)
                     found[i] = entry
+            if self._pending or self._lost:
+                await self.repair()
         return found
 
     def _count(self, entity: str, level: str, policy: CachePolicy, entries: list[Entry], asked: int) -> None:
         """Lookups by result: `hit` (fresh), `expired` (found, past its TTL: revalidated), `miss`."""
-        fresh = sum(self.fresh(e, policy) for e in entries)
+        if not asked:
+            return
+        now = self.clock()
+        fresh = sum(now - e.fetched_at < policy.ttl for e in entries)
         record_cache(entity, level, "hit", fresh)
         record_cache(entity, level, "expired", len(entries) - fresh)
         record_cache(entity, level, "miss", asked - len(entries))
@@ -330,14 +440,100 @@ class EntityCache:
                 pass
 
     async def invalidate(self, entity: str, entity_id: int, version: int, keep: float) -> None:
-        self._epochs[entity] = self.epoch(entity) + 1
-        key = self.key(entity, entity_id)
-        await self.memory.invalidate(key, version, keep)
-        if self.redis is not None:
+        await self.invalidate_many([(entity, entity_id, version, keep)])
+
+    async def invalidate_many(self, changes: Iterable[tuple[str, int, int, float]]) -> None:
+        """Raise floors, `(entity, id, version, seconds kept)` each: in L1 at once, then in
+        Redis in one call that also publishes them to the other instances."""
+        floors: dict[str, tuple[int, float]] = {}
+        entities: dict[str, str] = {}
+        for entity, entity_id, version, keep in changes:
+            self._epochs[entity] = self.epoch(entity) + 1
+            key = self.key(entity, entity_id)
+            await self.memory.invalidate(key, version, keep)
+            if version > floors.get(key, (0, 0.0))[0]:
+                floors[key], entities[key] = (version, keep), entity
+        if self.redis is None or not floors:
+            return
+        try:
+            await self.redis.invalidate_many(floors, self.channel, self.origin)
+        except RedisUnavailable:
+            for key, (version, keep) in floors.items():
+                self._pend(entities[key], key, version, keep)
+            return
+        if self._pending or self._lost:
+            await self.repair()
+
+    def _pend(self, entity: str, key: str, version: int, keep: float) -> None:
+        if key in self._pending or len(self._pending) < self.max_pending:
+            if version > self._pending.get(key, (0, 0.0))[0]:
+                self._pending[key] = (version, keep)
+        else:
+            self._lost.add(entity)
+
+    @property
+    def settled(self) -> bool:
+        """Redis holds every floor raise this instance made (nothing queued)."""
+        return not self._pending and not self._lost
+
+    async def repair(self) -> bool:
+        """Apply the floor raises Redis missed while it was away (or drop the entity types
+        whose raises overflowed the queue); True once nothing is left to apply."""
+        if self.redis is None:
+            return True
+        if self.settled or self.redis.resting():
+            return self.settled
+        async with self._repairing:
             try:
-                await self.redis.invalidate(key, version, keep)
+                while self._pending:
+                    batch = dict(list(self._pending.items())[:500])
+                    await self.redis.invalidate_many(batch, self.channel, self.origin)
+                    for key, floor in batch.items():
+                        if self._pending.get(key) == floor:
+                            del self._pending[key]
+                for entity in list(self._lost):
+                    await self.redis.drop_prefix(self.key(entity, ""))
+                    self._lost.discard(entity)
             except RedisUnavailable:
-                pass
+                return False
+        log.info("redis has every floor raise it missed again")
+        return True
+
+    async def listen(self) -> None:
+        """Raise L1 floors as other instances publish theirs (runs for the app's life)."""
+        if self.redis is not None:
+            await self.redis.listen(self.channel, self._heard, self._subscribed)
+
+    async def _subscribed(self) -> None:
+        await self.repair()  # Redis is reachable again: what it missed goes first
+
+    async def _heard(self, raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+            if message["o"] == self.origin:
+                return
+            floors = [(str(key), int(version), float(expiry) / 1000) for key, version, expiry in message["r"]]
+        except (ValueError, KeyError, TypeError):
+            return  # not ours to understand: the channel is shared by name only
+        for key, version, keep in floors:
+            self._epochs[key.rsplit(":", 2)[-2]] = self.epoch(key.rsplit(":", 2)[-2]) + 1
+            await self.memory.invalidate(key, version, keep)
+        self.heard += len(floors)
+
+    async def evict(self, entity: str, ids: Iterable[int | str], keep: float) -> None:
+        """Forget what is cached for these entities, in every scope and both levels: a write
+        through this gateway has just changed them (ARCHITECTURE.md, "Writes"), so the
+        writer reads its write at once instead of waiting for the change feed. The version
+        floor stays: an event already seen still holds back older answers."""
+        self._epochs[entity] = self.epoch(entity) + 1  # a read in flight from before must not be joined
+        for entity_id in ids:
+            key = self.key(entity, entity_id)
+            await self.memory.evict(key, keep)
+            if self.redis is not None:
+                try:
+                    await self.redis.evict(key)
+                except RedisUnavailable:
+                    pass
 
     def distrust(self, service: str) -> None:
         self._trusted_after[service] = self.clock()
@@ -353,4 +549,4 @@ class EntityCache:
                 try:
                     await self.redis.drop_prefix(prefix)
                 except RedisUnavailable:
-                    pass
+                    self._lost.add(entity)

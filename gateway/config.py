@@ -1,4 +1,4 @@
-"""Settings from the environment (the README's table is the reference; DESIGN §8)."""
+"""Settings from the environment (the README's table is the reference)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["ServiceConfig", "ResilienceConfig", "Settings", "DEFAULT_PORTS", "MAX_BODY_BYTES"]
+from .cors import parse_origins
+
+__all__ = ["ServiceConfig", "ResilienceConfig", "Settings", "DEFAULT_PORTS"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_PORTS = {"customers": 8101, "catalog": 8102, "inventory": 8103, "orders": 8104, "payments": 8105, "shipping": 8106}
@@ -26,6 +28,24 @@ def _float(env: Mapping[str, str], key: str, default: float, *, zero_ok: bool = 
     return value
 
 
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = _float(env, key, default)
+    if value != int(value):
+        raise ValueError(f"{key} must be a whole number, got {env.get(key)!r}")
+    return int(value)
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = (env.get(key) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{key} must be true or false, got {env.get(key)!r}")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     name: str
@@ -34,13 +54,13 @@ class ServiceConfig:
     connect_timeout: float = 0.5
     read_timeout: float = 1.5
     max_connections: int = 50
-    retries: int = 2  # extra attempts of an idempotent read (DESIGN §6)
+    retries: int = 2  # extra attempts of an idempotent read (ARCHITECTURE.md, "Resilience")
     max_body_bytes: int = MAX_BODY_BYTES  # a longer answer is UPSTREAM_BAD_RESPONSE
 
 
 @dataclass(frozen=True)
 class ResilienceConfig:
-    """The request deadline, retry budget and circuit breakers (DESIGN §6; README's table)."""
+    """The request deadline, retry budget and circuit breakers (ARCHITECTURE.md, "Resilience"; README's table)."""
 
     deadline: float = 2.0  # seconds for one whole GraphQL request
     min_call: float = 0.02  # a call with less time than this left is not started
@@ -84,6 +104,32 @@ class Settings:
     follow_feeds: bool = True
     learn_limits: bool = True  # read each service's maxBatch from GET /_meta
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call with credentials (gateway/cors.py)
+    # The front door (README, "Limits and cost"): what one request may ask for.
+    max_request_bytes: int = 1024 * 1024  # a longer body is refused while it streams (413)
+    max_query_length: int = 32_768  # characters of a query text, checked before parsing
+    max_tokens: int = 5000
+    max_depth: int = 12
+    max_aliases: int = 50
+    max_selections: int = 200  # fields, fragment spreads and inline fragments, as written
+    max_ids: int = 500  # ids one list argument may name
+    max_cost: int = 2000  # upstream calls + entities an operation may fetch (gateway/cost.py)
+    cost_list_size: int = 5  # items assumed in an embedded list that declares no estimate
+    introspection: bool = True  # off: __schema/__type refused, no "Did you mean" suggestions
+    apq_max_entries: int = 10_000  # persisted queries kept in memory (least recently used out)
+    apq_ttl: float = 86_400.0  # seconds a persisted query lives in Redis
+    trusted_documents: str | None = None  # manifest path: only its operations run
+    # The key of consistency tokens' MAC (gateway/consistency.py); None: derived from the
+    # deployment's configuration, shared by its instances but no secret.
+    consistency_secret: str | None = None
+    consistency_wait: float = 0.5  # seconds a request may wait for this instance's feed to catch up
+    floor_channel: bool = True  # publish and follow floor raises over Redis pub/sub
+
+    def token_secret(self) -> str:
+        if self.consistency_secret:
+            return self.consistency_secret
+        urls = ",".join(f"{name}={cfg.url}" for name, cfg in sorted(self.services.items()))
+        return f"derived:{self.cache_namespace}:{urls}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +161,23 @@ class Settings:
             feed_wait=_float(env, "BOOKVAULT_FEED_WAIT_S", 10),
             follow_feeds=env.get("BOOKVAULT_FOLLOW_FEEDS", "1") not in ("0", "false", "no"),
             resilience=ResilienceConfig.from_env(env),
+            cors_origins=parse_origins(env.get("BOOKVAULT_CORS_ORIGINS")),
+            max_request_bytes=_int(env, "BOOKVAULT_MAX_BODY_BYTES", cls.max_request_bytes),
+            max_query_length=_int(env, "BOOKVAULT_MAX_QUERY_LENGTH", cls.max_query_length),
+            max_tokens=_int(env, "BOOKVAULT_MAX_TOKENS", cls.max_tokens),
+            max_depth=_int(env, "BOOKVAULT_MAX_DEPTH", cls.max_depth),
+            max_aliases=_int(env, "BOOKVAULT_MAX_ALIASES", cls.max_aliases),
+            max_selections=_int(env, "BOOKVAULT_MAX_SELECTIONS", cls.max_selections),
+            max_ids=_int(env, "BOOKVAULT_MAX_IDS", cls.max_ids),
+            max_cost=_int(env, "BOOKVAULT_MAX_COST", cls.max_cost),
+            cost_list_size=_int(env, "BOOKVAULT_COST_LIST_SIZE", cls.cost_list_size),
+            introspection=_bool(env, "BOOKVAULT_INTROSPECTION", cls.introspection),
+            apq_max_entries=_int(env, "BOOKVAULT_APQ_MAX_ENTRIES", cls.apq_max_entries),
+            apq_ttl=_float(env, "BOOKVAULT_APQ_TTL_S", cls.apq_ttl),
+            trusted_documents=env.get("BOOKVAULT_TRUSTED_DOCUMENTS") or None,
+            consistency_secret=env.get("BOOKVAULT_CONSISTENCY_SECRET") or None,
+            consistency_wait=_float(env, "BOOKVAULT_CONSISTENCY_WAIT_MS", 500, zero_ok=True) / 1000,
+            floor_channel=env.get("BOOKVAULT_FLOOR_CHANNEL", "1") not in ("0", "false", "no"),
         )
 
 

@@ -1,4 +1,4 @@
-"""What one GraphQL request carries through its resolvers."""
+"""What one GraphQL request carries through its execution."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
 
-from .loading import Loaders
+from .relations import Loaders
+from .source import Reader
 
 __all__ = ["RequestContext"]
 
@@ -16,9 +16,8 @@ __all__ = ["RequestContext"]
 @dataclass
 class RequestContext:
     request: Request
-    response: Response
-    loaders: Loaders
-    media_type: str
-    # Facts for the response's top-level `extensions` (stale data served, completeness,
-    # trace id...), gathered while resolving and merged in by the view.
+    reader: Reader  # the entity source, for this caller and deadline
+    loaders: Loaders  # the reference execution's DataLoaders over `reader`
+    # Facts for the response's top-level `extensions` (stale data served, completeness...),
+    # gathered while executing and merged in by the view.
     extensions: dict[str, Any] = field(default_factory=dict)

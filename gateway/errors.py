@@ -3,7 +3,7 @@ once, in `upstream`; resolvers never see httpx types.
 
 graphql-core copies an exception's ``extensions`` onto the GraphQL error it locates at
 the field's path, so raising one of these in a resolver yields
-``{"message", "path", "extensions": {"code", "service"}}`` (DESIGN §6)."""
+``{"message", "path", "extensions": {"code", "service"}}`` (ARCHITECTURE.md, "Resilience")."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ __all__ = [
     "CircuitOpen",
     "UpstreamTimeout",
     "UpstreamBadResponse",
+    "UpstreamRejected",
+    "Refused",
+    "OutOfStock",
+    "PaymentDeclined",
 ]
 
 
@@ -42,6 +46,33 @@ class BadUserInput(GatewayError):
 
 class NotFound(GatewayError):
     code = "NOT_FOUND"
+
+
+class Refused(GatewayError):
+    """A write the services refused for a reason the caller can act on (ARCHITECTURE.md,
+    "Writes"). `code` may be the service's own (NOT_CANCELLABLE, CHECKOUT_IN_PROGRESS...);
+    `details` are more extensions for the client, e.g. the cancelled order's id."""
+
+    code = "REFUSED"
+
+    def __init__(self, message: str, *, service: str | None = None, code: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, service=service)
+        if code:
+            self.code = code
+        self.details = dict(details or {})
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return {**super().extensions, **self.details}
+
+
+class OutOfStock(Refused):
+    code = "OUT_OF_STOCK"
+
+
+class PaymentDeclined(Refused):
+    code = "PAYMENT_DECLINED"
 
 
 class UpstreamError(GatewayError):
@@ -76,3 +107,16 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamBadResponse(UpstreamError):
     code = "UPSTREAM_BAD_RESPONSE"
+
+
+class UpstreamRejected(UpstreamBadResponse):
+    """The service answered 4xx. For a read the gateway made, that breaks the contract
+    (UPSTREAM_BAD_RESPONSE, as any bad answer); a write reads `status` and the service's
+    `{"error": {"code", "message"}}` to tell the caller what it did wrong."""
+
+    def __init__(self, message: str, *, service: str, status: int, error_code: str | None = None,
+                 error_message: str | None = None) -> None:
+        super().__init__(message, service=service)
+        self.status = status
+        self.error_code = error_code
+        self.error_message = error_message

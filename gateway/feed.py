@@ -1,4 +1,4 @@
-"""Following the services' change feeds (DESIGN §5): each gateway instance long-polls
+"""Following the services' change feeds (ARCHITECTURE.md, "Versioned cache"): each gateway instance long-polls
 every service's `/events` and raises the version floor of each changed entity in L1 and
 L2, so a change is served fresh within one feed round trip, not after a TTL.
 
@@ -6,7 +6,14 @@ The cursor is kept in Redis beside the entries it protects, so a restart resumes
 the instances left off. With memory only there is nothing to resume: a new process
 starts with an empty cache, so it starts at the feed's head. A gap (the feed's head is
 behind our cursor, or it skipped seqs) drops that service's entries; a feed that cannot
-be read makes them untrusted, so they are revalidated before being served as fresh."""
+be read makes them untrusted, so they are revalidated before being served as fresh.
+
+An entity cached under another entity's key (a payment under its order's id) is found by
+the key its events carry (`orderId`), and its slot is ordered by feed position rather than
+by version: several payments can answer for one order over time (a declined one, then a new
+one), so only the feed says which answer is newer. The cursor saved in Redis never runs
+ahead of the floor raises Redis holds: while some wait to be re-applied (Redis was away),
+it is not moved, so an instance resuming from it re-applies them."""
 
 from __future__ import annotations
 
@@ -32,12 +39,16 @@ class FeedFollower:
         entities: Mapping[str, list[str]],
         keep: Mapping[str, float],
         wait: float = 10.0,
+        feed_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.upstream = upstream
         self.cache = cache
         self.entities = entities  # service -> entity types it owns
         self.keep = keep  # entity -> seconds an announced version floor is kept
         self.wait = wait
+        # entity -> the event field naming its cache key, for entities cached under another's
+        # key (payment -> "orderId"); their floors are feed seqs (README, "The versioned cache").
+        self.feed_keys = dict(feed_keys or {})
         self.cursors: dict[str, int] = {}
         self._advanced = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -98,12 +109,24 @@ class FeedFollower:
                 await self.cache.drop(service, self.entities[service])
                 if latest < cursor:  # the service's feed was reset: start again at its head
                     following = latest
-            for event in events:
-                keep = self.keep.get(event.get("entity", ""))
-                if keep is not None:
-                    await self.cache.invalidate(event["entity"], int(event["id"]), int(event["version"]), keep)
+            await self.cache.invalidate_many(self._changes(events))
             await self._advance(service, following)
             cursor = following
+
+    def _changes(self, events: list[dict[str, Any]]) -> list[tuple[str, int, int, float]]:
+        """(entity, cache key, floor, seconds kept) per event; an event outside the contract
+        or without the key its entity is cached under changes nothing (its TTL still holds)."""
+        out = []
+        for event in events:
+            entity = event.get("entity") if isinstance(event, dict) else None
+            keep = self.keep.get(entity) if isinstance(entity, str) else None
+            if keep is None:
+                continue
+            field = self.feed_keys.get(entity)  # type: ignore[arg-type]
+            key, floor = (event.get("id"), event.get("version")) if field is None else (event.get(field), event.get("seq"))
+            if isinstance(key, int) and isinstance(floor, int):
+                out.append((entity, key, floor, keep))
+        return out
 
     async def _start_cursor(self, service: str) -> int:
         _, _, latest = await self._read(service, 0, 0)
@@ -121,7 +144,7 @@ class FeedFollower:
         return start
 
     async def _advance(self, service: str, seq: int) -> None:
-        if self.cache.redis is not None:
+        if self.cache.redis is not None and await self.cache.repair():
             try:
                 await self.cache.redis.advance(self._cursor_key(service), seq)
             except RedisUnavailable:

@@ -1,4 +1,4 @@
-"""Readiness (DESIGN §6): `/readyz` shows each service's circuit breaker and each backend
+"""Readiness (ARCHITECTURE.md, "Resilience"): `/readyz` shows each service's circuit breaker and each backend
 probe in `GatewayState.readiness` (the cache layer appends its own, e.g. Redis), and
 answers 503 only when the gateway cannot serve at all: not started, every service's
 breaker open, or a probe marked `required` failing."""

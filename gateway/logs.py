@@ -1,5 +1,5 @@
 """Structured logs: one JSON object per line, each carrying the trace id of the request it
-belongs to, so a log line leads to its trace in Jaeger (DESIGN §7).
+belongs to, so a log line leads to its trace in Jaeger (ARCHITECTURE.md, "Telemetry").
 
 Library code only logs; the process entry point (`bookvault gateway`) calls `configure`."""
 

@@ -1,7 +1,7 @@
-"""Prometheus series for /metrics (DESIGN §7), one registry per app.
+"""Prometheus series for /metrics (ARCHITECTURE.md, "Telemetry"), one registry per app.
 
 The cache and resilience code report through the module functions below
-(`record_cache`, `record_stale`, `set_breaker_state`, `record_retry`). They act on the
+(`record_cache`, `record_stale`, `record_retry`). They act on the
 `Metrics` bound to the current context: the request middleware binds its app's for each
 request, so the functions need no plumbing, and two apps in one process (tests) never
 mix their counts. Outside a request they do nothing."""
@@ -30,8 +30,8 @@ __all__ = [
     "BREAKER_STATES",
     "record_cache",
     "record_stale",
-    "set_breaker_state",
     "record_retry",
+    "record_consistency",
 ]
 
 # The breaker gauge's values: an alert on `> 0` catches every breaker that is not closed.
@@ -73,6 +73,11 @@ class Metrics:
         self.requests = Counter(
             "bookvault_graphql_requests_total", "GraphQL requests by outcome: complete, partial (data and errors), error",
             ["outcome"], registry=registry)
+        self.consistency = Counter(
+            "bookvault_consistency_checks_total",
+            "Services a request's consistency token named beyond this instance's feed: `waited` (caught up), "
+            "`bypassed` (read past the caches), `refuted` (beyond the service's own feed)",
+            ["service", "outcome"], registry=registry)
         self.duration = Histogram(
             "bookvault_graphql_request_duration_seconds", "Time from request to response, per GraphQL request",
             buckets=_LATENCY_BUCKETS, registry=registry)
@@ -97,10 +102,6 @@ class Metrics:
 _CURRENT: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar("bookvault_metrics", default=None)
 
 
-def current() -> Metrics | None:
-    return _CURRENT.get()
-
-
 def record_cache(entity: str, level: str, result: str, count: int = 1) -> None:
     """`count` lookups of `entity` at `level` ("l1" or "l2") with `result` "hit" (fresh),
     "expired" (found past its TTL, so revalidated) or "miss"."""
@@ -114,13 +115,14 @@ def record_stale(entity: str, count: int = 1) -> None:
         m.stale.labels(entity).inc(count)
 
 
-def set_breaker_state(service: str, state: str) -> None:
-    """`state` is one of BREAKER_STATES: "closed", "half_open", "open"."""
-    if (m := _CURRENT.get()) is not None:
-        m.breaker.labels(service).set(BREAKER_STATES[state])
-
-
 def record_retry(service: str) -> None:
     """One more attempt of a request to `service` after a failed one."""
     if (m := _CURRENT.get()) is not None:
         m.retries.labels(service).inc()
+
+
+def record_consistency(service: str, outcome: str) -> None:
+    """A consistency token named a feed position of `service` this instance had not applied:
+    `outcome` is "waited", "bypassed" or "refuted"."""
+    if (m := _CURRENT.get()) is not None:
+        m.consistency.labels(service, outcome).inc()

@@ -1,4 +1,4 @@
-"""Degradation and resilience (DESIGN §6): the request's deadline, a circuit breaker and a
+"""Degradation and resilience (ARCHITECTURE.md, "Resilience"): the request's deadline, a circuit breaker and a
 retry budget per service, and the policy that runs one upstream call under them.
 
 Knows nothing of httpx: an attempt is any coroutine that raises the gateway's errors
@@ -309,7 +309,7 @@ FAILURE_CODES = frozenset({"UPSTREAM_UNAVAILABLE", "UPSTREAM_TIMEOUT", "UPSTREAM
 
 def partial_result(field_errors: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
     """The response's `extensions` entries that tell a frontend, without reading the
-    errors, that some fields are missing and which services failed (DESIGN §6):
+    errors, that some fields are missing and which services failed (ARCHITECTURE.md, "Resilience"):
     ``{"complete": false, "failedServices": [...]}``, or nothing when the answer is whole."""
     failed = [ext or {} for ext in field_errors if (ext or {}).get("code") in FAILURE_CODES]
     if not failed:

@@ -9,10 +9,11 @@ from starlette.requests import HTTPConnection
 
 from .cache import CachePolicy, EntityCache
 from .config import Settings
+from .consistency import Consistency
 from .feed import FeedFollower
-from .flights import SingleFlight
 from .health import ReadinessProbe
 from .resilience import Resilience
+from .source import EntitySource
 from .telemetry import Telemetry
 from .upstream import Upstream
 
@@ -28,10 +29,11 @@ class GatewayState:
     policies: dict[str, CachePolicy]
     feeds: FeedFollower | None
     telemetry: Telemetry
+    source: EntitySource  # cache, single-flight and upstream, read through
     # What /readyz checks besides the breakers; backends (caches...) append theirs.
     readiness: list[ReadinessProbe] = field(default_factory=list)
     limits: asyncio.Task[None] | None = None  # learning the services' maxBatch
-    flights: SingleFlight = field(default_factory=SingleFlight)  # reads shared by concurrent requests
+    consistency: Consistency | None = None  # consistency tokens (gateway/consistency.py)
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -1,7 +1,7 @@
-"""Tracing (DESIGN §7): which service made a request slow, in one Jaeger trace.
+"""Tracing (ARCHITECTURE.md, "Telemetry"): which service made a request slow, in one Jaeger trace.
 
 A GraphQL request gets a server span (`TelemetryMiddleware`), an operation span
-(`OperationSpan`, a schema extension) and one client span per upstream batch call
+(`operation_span`, opened by the view) and one client span per upstream batch call
 (`batch_span`, used by the loaders). Resolvers get none: a span per field would cost more
 than the fields. The upstream clients send W3C trace context (`httpx_event_hooks`), so each
 service's spans join the same trace.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +31,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode, SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from strawberry.extensions import SchemaExtension
 
 from .errors import GatewayError
 from .logs import request_log
@@ -42,6 +40,7 @@ __all__ = [
     "Telemetry",
     "TelemetryMiddleware",
     "OperationSpan",
+    "operation_span",
     "batch_span",
     "annotate",
     "httpx_event_hooks",
@@ -177,57 +176,62 @@ class TelemetryMiddleware:
                             durationMs=round(seconds * 1000, 2), upstreamCalls=request.upstream_calls)
 
 
-class OperationSpan(SchemaExtension):
-    """One span per GraphQL operation, named like "query OrderPage", with the operation's
-    name, type and a SHA-256 of its document (the id persisted queries use); the batch
-    spans hang under it. Also puts the trace id in the response's `extensions`."""
+class OperationSpan:
+    """The span of one GraphQL operation, named like "query OrderPage" once the view knows
+    the operation, with its name, type, outcome and the SHA-256 of its document (the id
+    persisted queries use); the batch spans hang under it. The view fills it in:
 
-    _trace_id: str | None = None
+        with operation_span() as op:
+            op.named("OrderPage", "query", document_hash)
+            ...
+            op.outcome = "complete"
+    """
 
-    def on_operation(self) -> Iterator[None]:
-        request = _REQUEST.get()
-        if request is None:  # executed outside the middleware: nothing to report to
-            yield
-            return
-        context = self.execution_context
-        with request.telemetry.tracer.start_as_current_span("graphql") as span:
-            self._trace_id = _trace_id(span)
-            try:
-                yield
-            finally:
-                request.operation = context.operation_name
-                request.operation_type = _operation_type(context)
-                result = context.result
-                request.outcome = "error" if result is None or result.data is None else (
-                    "partial" if result.errors else "complete")
-                span.update_name(" ".join(filter(None, (request.operation_type or "graphql", request.operation))))
-                attributes = {"graphql.operation.name": request.operation, "graphql.operation.type": request.operation_type,
-                              "bookvault.graphql.outcome": request.outcome}
-                if context.query is not None:
-                    attributes["graphql.document.hash"] = hashlib.sha256(context.query.encode()).hexdigest()
-                span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+    def __init__(self, span: trace.Span | None) -> None:
+        self.span = span
+        self.trace_id = _trace_id(span) if span is not None else None
+        self.name: str | None = None
+        self.type: str | None = None
+        self.document_hash: str | None = None
+        self.outcome: str | None = None
+        self.cost: Any = None  # the operation's `Cost` (gateway/cost.py), once analysed
 
-    def get_results(self) -> dict[str, Any]:
-        return {"traceId": self._trace_id} if self._trace_id else {}
-
-
-def _operation_type(context: Any) -> str | None:
-    try:
-        return str(context.operation_type.value)
-    except Exception:  # no document (a syntax error) or no such operation: already an error
-        return None
+    def named(self, name: str | None, operation_type: str | None, document_hash: str | None) -> None:
+        self.name, self.type, self.document_hash = name, operation_type, document_hash
 
 
 @contextlib.contextmanager
-def batch_span(service: str, route: str, size: int | None = None) -> Iterator[None]:
+def operation_span() -> Iterator[OperationSpan]:
+    request = _REQUEST.get()
+    if request is None:  # executed outside the middleware: nothing to report to
+        yield OperationSpan(None)
+        return
+    with request.telemetry.tracer.start_as_current_span("graphql") as span:
+        op = OperationSpan(span)
+        try:
+            yield op
+        finally:
+            request.operation, request.operation_type = op.name, op.type
+            request.outcome = op.outcome or "error"
+            span.update_name(" ".join(filter(None, (op.type or "graphql", op.name))))
+            attributes: dict[str, Any] = {"graphql.operation.name": op.name, "graphql.operation.type": op.type,
+                          "bookvault.graphql.outcome": request.outcome, "graphql.document.hash": op.document_hash}
+            if op.cost is not None:
+                attributes.update({"bookvault.cost": op.cost.total, "bookvault.cost.calls": op.cost.calls,
+                                   "bookvault.cost.entities": op.cost.entities})
+            span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+
+@contextlib.contextmanager
+def batch_span(service: str, route: str, size: int | None = None, method: str = "GET") -> Iterator[None]:
     """The span of one upstream call of the loaders: a batch of `size` ids, or a page
-    (`size` None). A `GatewayError` leaving it marks the span failed with its code."""
+    (`size` None), or a write (`method`). A `GatewayError` leaving it marks the span failed with its code."""
     request = _REQUEST.get()
     if request is None:
         yield
         return
     telemetry = request.telemetry
-    attributes: dict[str, Any] = {"peer.service": service, "http.request.method": "GET", "http.route": route,
+    attributes: dict[str, Any] = {"peer.service": service, "http.request.method": method, "http.route": route,
                                   "bookvault.retries": 0}
     if size is not None:
         # Defaults for a loader without cache; the cache's annotate() replaces them.

@@ -1,4 +1,4 @@
-"""The BookVault services: six REST services, each owning its own database (DESIGN §1-2)."""
+"""The BookVault services: six REST services, each owning its own database (ARCHITECTURE.md, "Services")."""
 
 from . import catalog, customers, inventory, orders, payments, shipping
 from .app import ServiceSpec, create_app, database_url

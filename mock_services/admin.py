@@ -1,4 +1,4 @@
-"""Fault injection and request stats, for demos, tests and benchmarks (DESIGN §2).
+"""Fault injection and request stats, for demos, tests and benchmarks (ARCHITECTURE.md, "Services").
 
 A pure ASGI middleware, present only when the service runs with ``--admin``; without it
 the ``/_admin`` routes do not exist (404) and requests pay nothing.
@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,9 @@ class Faults(BaseModel):
     errorRate: float = Field(0.0, ge=0.0, le=1.0)
     errorStatus: int = Field(500, ge=400, le=599)
     hang: bool = False
+    # orders only: the process exits (os._exit) right after this checkout step is recorded,
+    # for the crash-recovery tests (README, "Checkout").
+    crashAfterStep: Literal["order", "reserve", "pay", "ship", "confirm", "complete"] | None = None
     malformed: bool = False
     # Only requests whose path starts with one of these are affected (all when unset),
     # so a test can break /books while the change feed keeps flowing.

@@ -17,7 +17,9 @@ from .models import Error
 __all__ = ["Api", "query_param", "path_param", "batch_of", "ref"]
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-IDS_PATTERN = r"^[1-9][0-9]*(,[1-9][0-9]*)*$"
+# At most 18 digits: what params.parse_id accepts (ids fit a signed 64-bit integer).
+ID_PATTERN = r"^[1-9][0-9]{0,17}$"
+IDS_PATTERN = r"^[1-9][0-9]{0,17}(,[1-9][0-9]{0,17})*$"
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:
@@ -38,17 +40,20 @@ def query_param(name: str, description: str, schema: dict[str, Any] | None = Non
 
 
 def path_param(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"}}
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": ID_PATTERN}}
 
 
 def _content(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
+_UNPOSITIONED = ("/events", "/_meta", "/healthz", "/openapi.json")
+
+
 class Api:
     def __init__(self, service: str) -> None:
         self.service = service
-        self.routes: list[Route] = []
+        self._endpoints: dict[str, dict[str, Endpoint]] = {}
         self.paths: dict[str, dict[str, Any]] = {}
         self.models: set[type[BaseModel]] = {Error}
 
@@ -65,7 +70,7 @@ class Api:
         errors: tuple[int, ...] = (400,),
         etag: bool = False,
     ) -> None:
-        self.routes.append(Route(path, endpoint, methods=[method]))
+        self._endpoints.setdefault(path, {})[method] = endpoint
         status, schema = ok
         responses: dict[str, Any] = {str(status): {"description": "OK"}}
         if schema is not None:
@@ -73,8 +78,13 @@ class Api:
                 self.models.add(schema)
                 schema = ref(schema)
             responses[str(status)]["content"] = _content(schema)
+        if not path.startswith(_UNPOSITIONED):  # mock_services/position.py
+            responses[str(status)]["headers"] = {"X-Feed-Seq": {"schema": {"type": "integer"}, "description": (
+                "The highest change-feed seq written when the answer was sent: every change it reflects is at or "
+                "below it")}}
         if etag:
-            responses[str(status)]["headers"] = {"ETag": {"schema": {"type": "string"}, "description": 'W/"<version>"'}}
+            responses[str(status)].setdefault("headers", {})["ETag"] = {"schema": {"type": "string"},
+                                                                        "description": 'W/"<version>"'}
             responses["304"] = {"description": "Not modified (If-None-Match matched the version)"}
         for code in errors:
             responses[str(code)] = {"description": "Error", "content": _content(ref(Error))}
@@ -85,6 +95,12 @@ class Api:
             self.models.add(body)
             operation["requestBody"] = {"required": True, "content": _content(ref(body))}
         self.paths.setdefault(path, {})[method.lower()] = operation
+
+    @property
+    def routes(self) -> list[Route]:
+        """One route per path, whatever its methods, so a 405 (or OPTIONS) lists them all
+        in `Allow` (RFC 9110 §15.5.6), not only those of the first route to match."""
+        return [Route(path, _dispatch(endpoints), methods=list(endpoints)) for path, endpoints in self._endpoints.items()]
 
     def document(self, version: str) -> dict[str, Any]:
         _, defs = models_json_schema(
@@ -97,3 +113,11 @@ class Api:
             "paths": self.paths,
             "components": {"schemas": defs.get("$defs", {})},
         }
+
+
+def _dispatch(endpoints: dict[str, Endpoint]) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await endpoints[method](request)
+
+    return endpoint

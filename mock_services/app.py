@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,12 @@ from starlette.responses import JSONResponse
 from .admin import AdminMiddleware, AdminState, admin_routes
 from .api import Api, query_param
 from .context import Context
-from .db import Database, now_iso
+from .db import Database, EventKey, now_iso
 from .demo_data import Shop, shop
 from .errors import BadRequest, exception_handlers
 from .models import EventPage, Meta
 from .params import parse_int
+from .position import FeedPosition
 from .telemetry import ServerSpans, trace_queries, tracer_provider_from_env
 
 __all__ = ["ServiceSpec", "create_app", "database_url"]
@@ -43,6 +44,11 @@ class ServiceSpec:
     metadata: MetaData
     routes: Callable[[Api], None]
     seed: Callable[[Shop], dict[Table, list[dict[str, Any]]]]
+    # Work a service runs beside its requests while it lives (the inventory's expiry
+    # sweep, the orders service's saga resumer), entered once its database is ready.
+    background: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None
+    # Keys its events carry besides the entity's id (payments and shipments: their order's).
+    event_keys: tuple[EventKey, ...] = ()
 
 
 def database_url(name: str, data_dir: str | Path) -> str:
@@ -52,9 +58,24 @@ def database_url(name: str, data_dir: str | Path) -> str:
 def _wait_seconds(raw: str | None) -> float:
     if raw is None:
         return 0.0
-    if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3})?", raw) or float(raw) > MAX_WAIT_S:
+    try:  # any JSON number the document allows: 5, 0.25, 1e1
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_WAIT_S:  # NaN fails this too
         raise BadRequest(f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}")
-    return float(raw)
+    return seconds
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """Returns once the client has gone (its `http.disconnect`): a long-poll nobody is
+    waiting for ends, instead of holding the process's shutdown for its full wait."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return gone
 
 
 def _shared_routes(api: Api, spec: ServiceSpec) -> None:
@@ -71,7 +92,7 @@ def _shared_routes(api: Api, spec: ServiceSpec) -> None:
         limit = parse_int(q.get("limit"), "limit", 100, 1, 1000)
         wait = _wait_seconds(q.get("wait"))
         ctx: Context = request.app.state.ctx
-        rows, latest = await ctx.db.events_after(after, limit, wait)
+        rows, latest = await ctx.db.events_after(after, limit, wait, gone=_disconnected(request))
         return JSONResponse({"events": rows, "next": rows[-1]["seq"] if rows else after, "latest": latest})
 
     async def openapi(request: Request) -> JSONResponse:
@@ -105,8 +126,10 @@ def create_app(
     admin: bool = False,
     max_batch: int = 100,
     tracer_provider: TracerProvider | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Starlette:
-    """`tracer_provider` replaces the one made from the OTEL_* variables (tests record spans)."""
+    """`tracer_provider` replaces the one made from the OTEL_* variables (tests record spans);
+    `options` are a service's own settings (see its module), over its BOOKVAULT_* variables."""
     url = database or database_url(spec.name, data_dir)
     api = Api(spec.name)
     spec.routes(api)
@@ -119,13 +142,14 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if database is None:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
-        db = Database(url, spec.metadata)
+        db = Database(url, spec.metadata, spec.event_keys)
         await db.create(_seeder(spec, scale))
         if tracer:  # after seeding: a first start's inserts belong to no request
             trace_queries(db.engine.sync_engine, tracer, spec.name)
-        app.state.ctx = Context(spec.name, db, max_batch)
+        app.state.ctx = Context(spec.name, db, max_batch, dict(options or {}))
         try:
-            yield
+            async with spec.background(app) if spec.background else contextlib.nullcontext():
+                yield
         finally:
             await db.dispose()
             if provider and tracer_provider is None:  # ours: export what is buffered, off the loop
@@ -136,7 +160,8 @@ def create_app(
         exception_handlers=exception_handlers,
         # The server span outermost, so injected latency and faults show in it.
         middleware=([Middleware(ServerSpans, tracer=tracer)] if tracer else [])
-        + ([Middleware(AdminMiddleware, state=state)] if admin else []),
+        + ([Middleware(AdminMiddleware, state=state)] if admin else [])
+        + [Middleware(FeedPosition)],
         lifespan=lifespan,
     )
     app.state.openapi = api.document(VERSION)

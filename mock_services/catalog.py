@@ -7,7 +7,7 @@ from sqlalchemy import Column, ForeignKey, Integer, MetaData, String
 from . import models
 from .api import Api
 from .app import ServiceSpec
-from .db import add_outbox
+from .db import BigId, add_outbox
 from .demo_data import Shop
 from .params import cents, money
 from .resource import Entity, add_patch, add_reads, changes, versioned_table
@@ -16,12 +16,12 @@ metadata = MetaData()
 add_outbox(metadata)
 authors = versioned_table(
     "authors", metadata,
-    Column("id", Integer, primary_key=True), Column("name", String, nullable=False), Column("bio", String, nullable=False),
+    Column("id", BigId, primary_key=True), Column("name", String, nullable=False), Column("bio", String, nullable=False),
 )
 books = versioned_table(
     "books", metadata,
-    Column("id", Integer, primary_key=True), Column("title", String, nullable=False), Column("isbn", String, nullable=False),
-    Column("author_id", Integer, ForeignKey("authors.id"), nullable=False),
+    Column("id", BigId, primary_key=True), Column("title", String, nullable=False), Column("isbn", String, nullable=False),
+    Column("author_id", BigId, ForeignKey("authors.id"), nullable=False),
     Column("price_cents", Integer, nullable=False), Column("currency", String, nullable=False),
     Column("published_year", Integer, nullable=False),
 )

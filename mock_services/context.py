@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
@@ -16,6 +17,7 @@ class Context:
     name: str
     db: Database
     max_batch: int
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def context(request: Request) -> Context:

@@ -1,11 +1,11 @@
 """customers: who buys. Private data (names, emails); the gateway scopes it per caller."""
 
-from sqlalchemy import Column, Integer, MetaData, String
+from sqlalchemy import Column, MetaData, String
 
 from . import models
 from .api import Api
 from .app import ServiceSpec
-from .db import add_outbox
+from .db import BigId, add_outbox
 from .demo_data import Shop
 from .resource import Entity, add_patch, add_reads, changes, versioned_table
 
@@ -13,7 +13,7 @@ metadata = MetaData()
 add_outbox(metadata)
 customers = versioned_table(
     "customers", metadata,
-    Column("id", Integer, primary_key=True), Column("name", String, nullable=False),
+    Column("id", BigId, primary_key=True), Column("name", String, nullable=False),
     Column("email", String, nullable=False), Column("tier", String, nullable=False),
 )
 CUSTOMER = Entity("customer", customers, lambda r: {

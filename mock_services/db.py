@@ -8,15 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, event, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["Database", "now_iso", "add_outbox"]
+__all__ = ["BigId", "Database", "EventKey", "now_iso", "add_outbox", "backend_of"]
+
+# Ids a path accepts go up to 10**18 - 1 (params.parse_id): 64-bit on PostgreSQL; SQLite's
+# INTEGER is already 64-bit, and must stay INTEGER for its rowid and AUTOINCREMENT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+@dataclass(frozen=True)
+class EventKey:
+    """A key an event carries besides the entity's own id, read from the entity's row when
+    the feed is served: the key a reader caches the entity under (a payment is looked up
+    by its order, so its events say `orderId`; README, "The change feed")."""
+
+    entity: str
+    field: str  # the event's field, e.g. "orderId"
+    id_column: Column[Any]  # the entity's id
+    key_column: Column[Any]  # the column holding the key (never changes once written)
+
+
+def backend_of(url: str) -> str:
+    return make_url(url).get_backend_name()
 
 
 def now_iso() -> str:
@@ -28,10 +49,10 @@ def add_outbox(metadata: MetaData) -> Table:
     return Table(
         "outbox",
         metadata,
-        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("seq", BigId, primary_key=True, autoincrement=True),
         Column("type", String, nullable=False),
         Column("entity", String, nullable=False),
-        Column("entity_id", Integer, nullable=False),
+        Column("entity_id", BigId, nullable=False),
         Column("version", Integer, nullable=False),
         Column("at", String, nullable=False),
         sqlite_autoincrement=True,
@@ -55,18 +76,21 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 class Database:
     """A service's engine plus the change signal that wakes long-polling feed readers."""
 
-    def __init__(self, url: str, metadata: MetaData) -> None:
+    def __init__(self, url: str, metadata: MetaData, event_keys: Iterable[EventKey] = ()) -> None:
         self.url = url
+        self.event_keys = {k.entity: k for k in event_keys}
         self.metadata = metadata
         self.outbox: Table = metadata.tables["outbox"]
         self.engine: AsyncEngine = create_async_engine(url)
-        if make_url(url).get_backend_name() == "sqlite":
+        self.backend = backend_of(url)
+        if self.backend == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_connect)
             event.listen(self.engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         # SQLite has one writer; serialising writes here avoids SQLITE_BUSY churn, and the
         # version bump itself is an atomic `version = version + 1 ... RETURNING`.
         self._write_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._stopping = False
 
     async def create(self, seed: Callable[[AsyncConnection], Awaitable[None]]) -> None:
         """Create the schema and seed it, in one transaction, when the database is new."""
@@ -75,6 +99,20 @@ class Database:
             if not existing:
                 await conn.run_sync(self.metadata.create_all)
                 await seed(conn)
+                if self.backend == "postgresql":
+                    await self._advance_sequences(conn)
+
+    async def _advance_sequences(self, conn: AsyncConnection) -> None:
+        # Seeding inserts explicit ids, which PostgreSQL's identity sequences do not see;
+        # the next generated id must follow the seeded ones.
+        for table in self.metadata.sorted_tables:
+            for column in table.primary_key.columns:
+                if column.autoincrement is True or (column.autoincrement == "auto" and len(table.primary_key.columns) == 1
+                                                    and isinstance(column.type, (Integer, BigInteger))):
+                    await conn.execute(text(
+                        f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column.name}'), "
+                        f"COALESCE((SELECT MAX({column.name}) FROM {table.name}), 0) + 1, false)"
+                    ))
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -102,17 +140,36 @@ class Database:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def events_after(self, after: int, limit: int, wait: float) -> tuple[list[dict[str, Any]], int]:
-        """Events with seq > after; waits up to `wait` seconds for the first one."""
+    def stop_waiting(self) -> None:
+        """The process is stopping: every long-poll answers now, and new ones do not wait."""
+        self._stopping = True
+        self._notify()
+
+    async def events_after(
+        self, after: int, limit: int, wait: float, gone: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Events with seq > after; waits up to `wait` seconds for the first one, less if
+        the process stops or `gone` (the client disconnecting) returns first."""
         # Take the signal before reading, so a commit between the read and the wait
         # still wakes us.
-        changed = self._changed
-        rows, latest = await self._read_events(after, limit)
-        if not rows and wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), wait)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            changed = self._changed
             rows, latest = await self._read_events(after, limit)
-        return rows, latest
+            left = deadline - loop.time()
+            if rows or left <= 0 or self._stopping:
+                return rows, latest
+            # A commit without an event (the saga log's bookkeeping) wakes us too: wait on,
+            # unless the process stops or the client goes away.
+            waits = [asyncio.ensure_future(changed.wait())] + ([asyncio.ensure_future(gone())] if gone else [])
+            try:
+                done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+            if gone is not None and waits[-1] in done:
+                return rows, latest
 
     async def _read_events(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         o = self.outbox
@@ -123,4 +180,19 @@ class Database:
                 for r in result
             ]
             latest = (await conn.execute(select(func.coalesce(func.max(o.c.seq), 0)))).scalar_one()
+            for key in self.event_keys.values():
+                ids = {r["id"] for r in rows if r["entity"] == key.entity}
+                if ids:
+                    found = dict((await conn.execute(select(key.id_column, key.key_column)
+                                                     .where(key.id_column.in_(ids)))).all())
+                    for r in rows:
+                        if r["entity"] == key.entity and r["id"] in found:
+                            r[key.field] = found[r["id"]]
         return rows, latest
+
+    async def head(self) -> int:
+        """The highest seq written: read after a request's own queries, an upper bound of
+        every change they saw (a change and its event commit together)."""
+        o = self.outbox
+        async with self.read() as conn:
+            return int((await conn.execute(select(func.coalesce(func.max(o.c.seq), 0)))).scalar_one())

@@ -8,17 +8,20 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-__all__ = ["ApiError", "BadRequest", "Conflict", "NotFound", "exception_handlers"]
+__all__ = ["ApiError", "BadRequest", "Conflict", "NotFound", "Unprocessable", "Unavailable", "error_body",
+           "error_response", "exception_handlers"]
 
 
 class ApiError(Exception):
     status = 500
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        if code:  # a more precise code than the class's (OUT_OF_STOCK rather than CONFLICT)
+            self.code = code
 
 
 class BadRequest(ApiError):
@@ -36,14 +39,28 @@ class Conflict(ApiError):
     code = "CONFLICT"
 
 
+class Unprocessable(ApiError):
+    status = 422
+    code = "UNPROCESSABLE"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+
+
 _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
 
 
-def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, "message": message}
     if details:
         body["details"] = details
-    return JSONResponse({"error": body}, status_code=status)
+    return {"error": body}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:

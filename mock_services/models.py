@@ -4,16 +4,23 @@ OpenAPI documents are generated from them, so the two cannot drift apart."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 AMOUNT = r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?$"
 MAX_ID = 10**18 - 1  # the largest id a path or ?ids= accepts (params.parse_id); fits SQLite's INTEGER
 Tier = Literal["standard", "silver", "gold"]
-OrderStatus = Literal["PLACED", "PAID", "SHIPPED", "DELIVERED", "CANCELLED"]
+# PENDING: under checkout (the saga has not settled yet); PLACED: placed without a checkout.
+OrderStatus = Literal["PENDING", "PLACED", "PAID", "SHIPPED", "DELIVERED", "CANCELLED"]
 PaymentStatus = Literal["PENDING", "CAPTURED", "REFUNDED", "FAILED"]
-ShipmentStatus = Literal["PENDING", "IN_TRANSIT", "DELIVERED", "RETURNED"]
+ShipmentStatus = Literal["PENDING", "IN_TRANSIT", "DELIVERED", "RETURNED", "CANCELLED"]
+ReservationStatus = Literal["HELD", "CONFIRMED", "RELEASED", "EXPIRED"]
+CheckoutStatus = Literal["RUNNING", "COMPENSATING", "COMPLETED", "CANCELLED"]
+METHOD = r"^[a-z][a-z0-9-]{0,31}$"
+# Free text kept in a text column: no U+0000, which PostgreSQL's text type cannot hold (its
+# docs, "Character Types"), so it is a 400 on both backends instead of a 500 on one.
+TEXT = r"^[^\x00]*$"
 
 
 class Strict(BaseModel):
@@ -91,15 +98,25 @@ class Shipment(Versioned):
     estimatedDelivery: datetime
 
 
+# PATCH fields are optional but never null: the default (absent) is not validated, an
+# explicit null is refused, and the document says so (no `null` in their types).
+def _patch_schema(schema: dict[str, Any], model: type) -> None:
+    schema["minProperties"] = 1  # an empty PATCH is a 400
+    for field in schema.get("properties", {}).values():
+        field.pop("default", None)  # absent, not null
+
+
 class CustomerPatch(Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)
-    tier: Tier | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
+    name: str = Field(None, min_length=1, max_length=200, pattern=TEXT)  # type: ignore[assignment]
+    email: str = Field(None, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$", max_length=254)  # type: ignore[assignment]
+    tier: Tier = None  # type: ignore[assignment]
 
 
 class BookPatch(Strict):
-    title: str | None = Field(None, min_length=1, max_length=500)
-    price: Money | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
+    title: str = Field(None, min_length=1, max_length=500, pattern=TEXT)  # type: ignore[assignment]
+    price: Money = None  # type: ignore[assignment]
 
 
 class StockPatch(Strict):
@@ -115,6 +132,64 @@ class OrderCreate(Strict):
     items: list[OrderItem] = Field(min_length=1, max_length=100)
 
 
+class LineItem(Strict):
+    bookId: int = Field(ge=1, le=MAX_ID)
+    quantity: int = Field(ge=1, le=1000)
+
+
+class ReservationCreate(Strict):
+    items: list[LineItem] = Field(min_length=1, max_length=100)
+    orderId: int | None = Field(None, ge=1, le=MAX_ID)
+
+
+class Reservation(Versioned):
+    id: int
+    orderId: int | None
+    status: ReservationStatus
+    items: list[LineItem]
+    expiresAt: datetime
+
+
+class PaymentCreate(Strict):
+    orderId: int = Field(ge=1, le=MAX_ID)
+    amount: Money
+    method: str = Field(pattern=METHOD, description='"card-declined" is always declined (402 PAYMENT_DECLINED)')
+
+
+class Address(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    street: str = Field(min_length=1, max_length=200)
+    city: str = Field(min_length=1, max_length=100)
+    postalCode: str = Field(min_length=1, max_length=20)
+    country: str = Field(pattern=r"^[A-Z]{2}$")
+
+
+class ShipmentCreate(Strict):
+    orderId: int = Field(ge=1, le=MAX_ID)
+    address: Address
+
+
+class CheckoutCreate(Strict):
+    customerId: int = Field(ge=1, le=MAX_ID)
+    items: list[LineItem] = Field(min_length=1, max_length=100)
+    shippingAddress: Address
+    paymentMethod: str = Field(pattern=METHOD)
+
+
+class Checkout(Strict):
+    id: int
+    orderId: int
+    status: CheckoutStatus
+    step: str | None = Field(description="The step running or next to run; null once settled")
+    reason: str | None = Field(description="Why the order was cancelled (OUT_OF_STOCK, PAYMENT_DECLINED, ...)")
+    compensationsOwed: list[str]
+    reservationId: int | None
+    paymentId: int | None
+    shipmentId: int | None
+    attempts: int = Field(ge=0, description="Step calls that failed and were tried again")
+    updatedAt: datetime
+
+
 class Event(Strict):
     seq: int
     type: str
@@ -122,6 +197,8 @@ class Event(Strict):
     id: int
     version: int
     at: datetime
+    orderId: int | None = Field(None, description="payment and shipment events: the order the entity belongs "
+                                                 "to, the key readers look it up by")
 
 
 class EventPage(Strict):

@@ -1,5 +1,8 @@
 """orders: what was bought. An order keeps each item's title and unit price at purchase
-time (denormalised on write), because the catalog's current price is not what was paid."""
+time (denormalised on write), because the catalog's current price is not what was paid.
+
+`GET /orders` answers three ways: orders by `ids`, one customer's page by cursor
+(`customerId`), or the first page of many customers at once (`customerIds`)."""
 
 import base64
 from typing import Any
@@ -8,11 +11,11 @@ from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, func, ins
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import models
-from .api import Api, batch_of, ref
+from . import checkout, models
+from .api import IDS_PATTERN, Api, batch_of, query_param, ref
 from .app import ServiceSpec
 from .context import context
-from .db import add_outbox, now_iso
+from .db import BigId, add_outbox, now_iso
 from .demo_data import Shop
 from .errors import BadRequest, Conflict
 from .params import cents, money, parse_id, parse_ids, parse_int, read_body
@@ -20,9 +23,10 @@ from .resource import Entity, add_one, add_patch, batch_query, batch_response, c
 
 metadata = MetaData()
 add_outbox(metadata)
+checkout.add_saga_table(metadata)
 orders = versioned_table(
     "orders", metadata,
-    Column("id", Integer, primary_key=True), Column("customer_id", Integer, nullable=False),
+    Column("id", BigId, primary_key=True), Column("customer_id", BigId, nullable=False),
     Column("status", String, nullable=False), Column("placed_at", String, nullable=False),
     Column("total_cents", Integer, nullable=False), Column("currency", String, nullable=False),
     Column("items", JSON, nullable=False),
@@ -34,13 +38,29 @@ ORDER = Entity("order", orders, lambda r: {
 }, models.Order)
 
 # Status moves forward only; anything else is a conflict with the order's current state.
-TRANSITIONS = {"PLACED": {"PAID", "CANCELLED"}, "PAID": {"SHIPPED", "CANCELLED"}, "SHIPPED": {"DELIVERED"}}
+# PENDING (under checkout) is left only by its saga: PAID, or CANCELLED after compensation.
+TRANSITIONS = {"PENDING": {"PAID", "CANCELLED"}, "PLACED": {"PAID", "CANCELLED"}, "PAID": {"SHIPPED", "CANCELLED"}, "SHIPPED": {"DELIVERED"}}
 PAGE = {
     "type": "object", "additionalProperties": False, "required": ["data", "nextCursor", "totalCount"],
     "properties": {
         "data": {"type": "array", "items": ref(models.Order)},
         "nextCursor": {"type": ["string", "null"], "description": "Pass as `after` for the next page"},
         "totalCount": {"type": "integer"},
+    },
+}
+# One customer's first page inside a `customerIds` answer: exactly the `customerId` page, named.
+CUSTOMER_PAGE = {
+    **PAGE, "required": ["customerId", *PAGE["required"]],
+    "properties": {"customerId": {"type": "integer"}, **PAGE["properties"]},
+}
+# The orders service cannot tell an unknown customer from one without orders, so nothing is
+# ever missing; `missing` stays for the batch shape (README) and `data` is never empty, which
+# keeps this shape apart from the `ids` batch in the `oneOf` below.
+PAGES = {
+    "type": "object", "additionalProperties": False, "required": ["data", "missing"],
+    "properties": {
+        "data": {"type": "array", "minItems": 1, "items": CUSTOMER_PAGE},
+        "missing": {"type": "array", "maxItems": 0, "items": {"type": "integer"}},
     },
 }
 
@@ -61,13 +81,37 @@ def _after(raw: str) -> int:
 
 async def collection(request: Request) -> Response:
     q = request.query_params
-    if "customerId" in q and "ids" in q:
-        raise BadRequest("give either ids or customerId, not both")
-    if "customerId" not in q:
-        ids = parse_ids(q.get("ids"), "ids", context(request).max_batch)
-        return await batch_response(request, ORDER, "id", ids)
-    customer = parse_id(q["customerId"], "customerId")
-    limit = parse_int(q.get("limit"), "limit", 20, 1, context(request).max_batch)
+    given = [name for name in ("ids", "customerId", "customerIds") if name in q]
+    if len(given) > 1:
+        raise BadRequest(f"give one of ids, customerId or customerIds, not {' and '.join(given)}")
+    max_batch = context(request).max_batch
+    if "customerId" in q:
+        return await _page(request, parse_id(q["customerId"], "customerId"), _limit(request))
+    if "customerIds" in q:
+        if "after" in q:
+            raise BadRequest("after continues one customer's page: use it with customerId, not customerIds")
+        customers = parse_ids(q["customerIds"], "customerIds", max_batch)
+        return await _first_pages(request, customers, _limit(request))
+    return await batch_response(request, ORDER, "id", parse_ids(q.get("ids"), "ids", max_batch))
+
+
+def _limit(request: Request) -> int:
+    return parse_int(request.query_params.get("limit"), "limit", 20, 1, context(request).max_batch)
+
+
+def _page_json(rows: list[Any], limit: int, total: int) -> dict[str, Any]:
+    """`rows`: up to limit + 1 orders newest first; the extra one only says a next page exists."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "data": [ORDER.to_json(r) for r in rows],
+        "nextCursor": _cursor(rows[-1].id) if more else None,
+        "totalCount": total,
+    }
+
+
+async def _page(request: Request, customer: int, limit: int) -> Response:
+    q = request.query_params
     mine = orders.c.customer_id == customer
     page = select(orders).where(mine)
     if "after" in q:
@@ -75,12 +119,28 @@ async def collection(request: Request) -> Response:
     async with context(request).db.read() as conn:
         rows = (await conn.execute(page.order_by(orders.c.id.desc()).limit(limit + 1))).all()
         total = (await conn.execute(select(func.count()).where(mine))).scalar_one()
-    more = len(rows) > limit
-    rows = rows[:limit]
+    return JSONResponse(_page_json(rows, limit, total))
+
+
+async def _first_pages(request: Request, customers: list[int], limit: int) -> Response:
+    """Each customer's first page in ONE statement, however many customers: window functions
+    number each customer's orders newest first and count them, and only the first limit + 1
+    of each come back (plain SQL:2003 windows, so SQLite >= 3.25 and PostgreSQL alike)."""
+    ranked = select(
+        orders,
+        func.row_number().over(partition_by=orders.c.customer_id, order_by=orders.c.id.desc()).label("page_position"),
+        func.count().over(partition_by=orders.c.customer_id).label("page_total"),
+    ).where(orders.c.customer_id.in_(customers)).subquery()
+    query = select(ranked).where(ranked.c.page_position <= limit + 1).order_by(ranked.c.id.desc())
+    async with context(request).db.read() as conn:
+        rows = (await conn.execute(query)).all()
+    by_customer: dict[int, list[Any]] = {customer: [] for customer in customers}
+    for row in rows:
+        by_customer[row.customer_id].append(row)
     return JSONResponse({
-        "data": [ORDER.to_json(r) for r in rows],
-        "nextCursor": _cursor(rows[-1].id) if more else None,
-        "totalCount": total,
+        "data": [{"customerId": customer, **_page_json(mine, limit, mine[0].page_total if mine else 0)}
+                 for customer, mine in by_customer.items()],
+        "missing": [],
     })
 
 
@@ -104,21 +164,29 @@ async def create(request: Request) -> Response:
 
 
 def _guard(current: Any, body: models.OrderPatch) -> None:
+    if current.status == "PENDING":
+        raise Conflict(f"order {current.id} is under checkout; its saga decides its status", code="CHECKOUT_IN_PROGRESS")
     if body.status not in TRANSITIONS.get(current.status, set()):
         raise Conflict(f"an order that is {current.status} cannot become {body.status}")
 
 
 def routes(api: Api) -> None:
     add_one(api, ORDER, "/orders", "id")
-    api.add("GET", "/orders", collection, summary="Orders by ids, or one customer's orders newest first", params=[
+    api.add("GET", "/orders", collection, params=[
         batch_query("ids"),
-        {"name": "customerId", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"}},
-        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
-    ], ok=(200, {"oneOf": [PAGE, batch_of(models.Order)]}))
+        query_param("customerId", "One customer's orders, newest first, a page at a time",
+                    {"type": "string", "pattern": "^[1-9][0-9]*$"}),
+        query_param("customerIds", "Comma-separated customer ids, at most maxBatch: the first page of each, as "
+                    "customerId answers it; not with ids, customerId or after", {"type": "string", "pattern": IDS_PATTERN}),
+        query_param("limit", "Orders per page (per customer with customerIds); default 20",
+                    {"type": "integer", "minimum": 1, "maximum": 100}),
+        query_param("after", "The previous page's nextCursor; only with customerId"),
+    ], summary="Orders by ids, one customer's orders newest first, or the first page of each of many customers",
+            ok=(200, {"oneOf": [PAGE, batch_of(models.Order), PAGES]}))
     api.add("POST", "/orders", create, summary="Place an order", body=models.OrderCreate,
             ok=(201, models.Order))
     add_patch(api, ORDER, "/orders", "id", models.OrderPatch, changes, guard=_guard)
+    checkout.routes(api)
 
 
 def seed(shop: Shop) -> dict:
@@ -129,4 +197,4 @@ def seed(shop: Shop) -> dict:
     } for o in shop.orders]}
 
 
-SPEC = ServiceSpec("orders", 8104, ("order",), metadata, routes, seed)
+SPEC = ServiceSpec("orders", 8104, ("order",), metadata, routes, seed, background=checkout.resumer)

@@ -25,7 +25,7 @@ def parse_id(raw: str, name: str = "id") -> int:
 
 
 def parse_ids(raw: str | None, name: str, max_batch: int) -> list[int]:
-    """Comma-separated positive ids, de-duplicated in first-seen order (DESIGN §2)."""
+    """Comma-separated positive ids, de-duplicated in first-seen order (ARCHITECTURE.md, "Services")."""
     if not raw:
         raise BadRequest(f"{name} must list at least one id")
     parts = raw.split(",")
@@ -51,7 +51,7 @@ async def read_body(request: Request, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:
-        return model.model_validate(data, strict=True)
+        return model.model_validate(_integral(data), strict=True)
     except ValidationError as exc:
         details = [
             {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": err["msg"]}
@@ -59,6 +59,18 @@ async def read_body(request: Request, model: type[M]) -> M:
         ]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         raise BadRequest(f"invalid body: {message}", details=details) from None
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 416.0 is the integer 416 (RFC 8259 §6; JSON Schema's
+    "integer" matches it), so it is accepted where an integer is asked; 416.5 is not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def money(amount_cents: int, currency: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The read and write endpoints every service shares, written once (DESIGN §2):
+"""The read and write endpoints every service shares, written once (ARCHITECTURE.md, "Services"):
 single GET with ETag, batch GET with ``{"data", "missing"}``, versioned PATCH."""
 
 from __future__ import annotations

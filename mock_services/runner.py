@@ -25,6 +25,9 @@ class Child:
     argv: list[str]
     url: str
     process: subprocess.Popen[bytes] | None = None
+    # Stopped before every child of a lower tier: the gateway (tier 1) before the services
+    # it long-polls, so nothing it waits on disappears under it.
+    tier: int = 0
 
 
 def service_children(urls: dict[str, str], data_dir: str, scale: int, admin: bool) -> list[Child]:
@@ -65,13 +68,17 @@ def supervise(children: list[Child], banner: str = "", ready_timeout: float = 60
     signal.signal(signal.SIGINT, stop)
     started = time.monotonic()
     try:
-        for child in children:
-            # Own process group: a terminal's Ctrl-C reaches only us, and we stop children in order.
-            child.process = subprocess.Popen(child.argv, start_new_session=True)
-        late = _wait_ready(children, ready_timeout)
-        if late:
-            print(f"not ready after {ready_timeout:.0f}s: {', '.join(late)}", file=sys.stderr)
-            return 1
+        # Tier by tier, lowest first: the gateway starts once the services answer, so its
+        # change-feed followers find them (and nothing is logged as unreachable at start).
+        for tier in sorted({c.tier for c in children}):
+            group = [c for c in children if c.tier == tier]
+            for child in group:
+                # Own process group: a terminal's Ctrl-C reaches only us, and we stop children in order.
+                child.process = subprocess.Popen(child.argv, start_new_session=True)
+            late = _wait_ready(group, ready_timeout)
+            if late:
+                print(f"not ready after {ready_timeout:.0f}s: {', '.join(late)}", file=sys.stderr)
+                return 1
         width = max(len(c.name) for c in children)
         for child in children:
             print(f"  {child.name:<{width}}  {child.url}  (pid {child.process.pid})")  # type: ignore[union-attr]
@@ -88,16 +95,19 @@ def supervise(children: list[Child], banner: str = "", ready_timeout: float = 60
         _stop_all(children)
 
 
-def _stop_all(children: list[Child]) -> None:
-    running = [c.process for c in children if c.process and c.process.poll() is None]
-    for process in running:
-        with contextlib.suppress(ProcessLookupError):  # it may exit between poll() and here
-            os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for process in running:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+def _stop_all(children: list[Child], timeout: float = 5.0) -> None:
+    """SIGTERM each tier, highest first, and wait for it before the next; SIGKILL what
+    outlives `timeout`."""
+    for tier in sorted({c.tier for c in children}, reverse=True):
+        running = [c.process for c in children if c.tier == tier and c.process and c.process.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):  # it may exit between poll() and here
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

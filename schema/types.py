@@ -1,31 +1,46 @@
 """The GraphQL types: names for frontend developers, not copies of REST payloads
-(DESIGN §3). Fields backed by another service are nullable, so a failing service
-nulls that field, not the whole order."""
+(ARCHITECTURE.md, "Schema"). Fields backed by another service are nullable, so a failing
+service nulls that field, not the whole order.
+
+A field that reads another entity declares its `Relation`; its resolver is the generic
+`resolve` (the reference execution), and the planner reads the same declaration."""
 
 from __future__ import annotations
 
 import base64
 import enum
-import re
 from datetime import datetime
 from typing import Any
 
 import strawberry
 from strawberry.types import Info
 
-from gateway.context import RequestContext
-from gateway.errors import BadUserInput
-from gateway.cache import CachePolicy
-from gateway.loading import Binding, contract, resolve
+from gateway import Binding, CachePolicy, Relation, resolve
 
-Ctx = Info[RequestContext, None]
-_ID = re.compile(r"[1-9][0-9]{0,17}")
+Ctx = Info[Any, None]
 
-
-def int_id(raw: str, what: str = "id") -> int:
-    if not _ID.fullmatch(str(raw)):
-        raise BadUserInput(f"{what} must be a positive integer id, got {str(raw)[:40]!r}")
-    return int(raw)
+# The entity bindings: which service answers for which type, through which batch route,
+# and how long its data may be cached. Prices and stock move; authors hardly ever do.
+# Personal data (customers, their orders, payments, shipments) is cached per caller.
+# `parse` names its class late: the types below refer to each other.
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+CUSTOMER = Binding("customer", "customers", "/customers", lambda p: Customer.of(p),
+                   policy=CachePolicy(MINUTE, HOUR, private=True))
+BOOK = Binding("book", "catalog", "/books", lambda p: Book.of(p), policy=CachePolicy(30.0, HOUR))
+AUTHOR = Binding("author", "catalog", "/authors", lambda p: Author.of(p), policy=CachePolicy(HOUR, DAY))
+STOCK = Binding("stock", "inventory", "/stock", lambda p: Stock.of(p), param="bookIds", key="bookId", optional=True,
+                identity=None, policy=CachePolicy(5.0, 10 * MINUTE))
+ORDER = Binding("order", "orders", "/orders", lambda p: Order.of(p), policy=CachePolicy(MINUTE, HOUR, private=True))
+# Looked up by order id; their change events carry the order's id (`orderId`) besides their
+# own, so the gateway's feed follower finds and invalidates these entries like any other.
+PAYMENT = Binding("payment", "payments", "/payments", lambda p: Payment.of(p), param="orderIds", key="orderId",
+                  optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId")
+SHIPMENT = Binding("shipment", "shipping", "/shipments", lambda p: Shipment.of(p), param="orderIds", key="orderId",
+                   optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId")
+# The first page of many customers' orders in one call; never cached (pages move with every order).
+ORDER_PAGES = Binding("orderPage", "orders", "/orders", lambda p: OrderConnection.of(p), param="customerIds",
+                      key="customerId", identity=None)
+BINDINGS = (CUSTOMER, BOOK, AUTHOR, STOCK, ORDER, PAYMENT, SHIPMENT, ORDER_PAGES)
 
 
 def _time(raw: str) -> datetime:
@@ -34,6 +49,7 @@ def _time(raw: str) -> datetime:
 
 @strawberry.enum(description="Where an order is in its life.")
 class OrderStatus(enum.Enum):
+    PENDING = "PENDING"  # being checked out: stock, payment and shipment not all settled yet
     PLACED = "PLACED"
     PAID = "PAID"
     SHIPPED = "SHIPPED"
@@ -55,6 +71,7 @@ class ShipmentStatus(enum.Enum):
     IN_TRANSIT = "IN_TRANSIT"
     DELIVERED = "DELIVERED"
     RETURNED = "RETURNED"
+    CANCELLED = "CANCELLED"
 
 
 @strawberry.type(description="An amount of money; `amount` is a decimal string, exact to the cent.")
@@ -106,13 +123,13 @@ class Book:
     version: int
     author_id: strawberry.Private[int]
 
-    @strawberry.field
+    @strawberry.field(metadata=Relation(AUTHOR, via="author_id").metadata())
     async def author(self, info: Ctx) -> Author | None:
-        return await resolve(info, AUTHOR, self.author_id)
+        return await resolve(info, self)
 
-    @strawberry.field
+    @strawberry.field(metadata=Relation(STOCK, via="id").metadata())
     async def stock(self, info: Ctx) -> Stock | None:
-        return await resolve(info, STOCK, int(self.id))
+        return await resolve(info, self)
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> Book:
@@ -127,9 +144,10 @@ class OrderItem:
     title_at_purchase: str
     book_id: strawberry.Private[int]
 
-    @strawberry.field(description="The book as the catalog has it now.")
+    @strawberry.field(description="The book as the catalog has it now.",
+                      metadata=Relation(BOOK, via="book_id").metadata())
     async def book(self, info: Ctx) -> Book | None:
-        return await resolve(info, BOOK, self.book_id)
+        return await resolve(info, self)
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> OrderItem:
@@ -177,17 +195,17 @@ class Order:
     version: int
     customer_id: strawberry.Private[int]
 
-    @strawberry.field
+    @strawberry.field(metadata=Relation(CUSTOMER, via="customer_id").metadata())
     async def customer(self, info: Ctx) -> Customer | None:
-        return await resolve(info, CUSTOMER, self.customer_id)
+        return await resolve(info, self)
 
-    @strawberry.field(description="Null while the order is unpaid.")
+    @strawberry.field(description="Null while the order is unpaid.", metadata=Relation(PAYMENT, via="id").metadata())
     async def payment(self, info: Ctx) -> Payment | None:
-        return await resolve(info, PAYMENT, int(self.id))
+        return await resolve(info, self)
 
-    @strawberry.field(description="Null until the order ships.")
+    @strawberry.field(description="Null until the order ships.", metadata=Relation(SHIPMENT, via="id").metadata())
     async def shipment(self, info: Ctx) -> Shipment | None:
-        return await resolve(info, SHIPMENT, int(self.id))
+        return await resolve(info, self)
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> Order:
@@ -208,6 +226,11 @@ class OrderEdge:
     node: Order
 
 
+def _cursor(order_id: str) -> str:
+    # Our cursor is the service's cursor for "after this order"; both stay opaque.
+    return base64.urlsafe_b64encode(f"order:{order_id}".encode()).decode().rstrip("=")
+
+
 @strawberry.type(description="A page of orders, newest first (Relay cursor connection).")
 class OrderConnection:
     edges: list[OrderEdge]
@@ -218,10 +241,17 @@ class OrderConnection:
     def nodes(self) -> list[Order]:
         return [edge.node for edge in self.edges]
 
-
-def _cursor(order_id: str) -> str:
-    # Our cursor is the service's cursor for "after this order"; both stay opaque.
-    return base64.urlsafe_b64encode(f"order:{order_id}".encode()).decode().rstrip("=")
+    @classmethod
+    def of(cls, page: dict[str, Any]) -> OrderConnection:
+        if not isinstance(page["data"], list):
+            raise TypeError("a page's data must be a list")
+        orders = [Order.of(o) for o in page["data"]]
+        cursor = page["nextCursor"]
+        if cursor is not None and not isinstance(cursor, str):
+            raise TypeError("nextCursor must be a string or null")
+        return cls(edges=[OrderEdge(cursor=_cursor(order.id), node=order) for order in orders],
+                   page_info=PageInfo(has_next_page=cursor is not None, end_cursor=cursor),
+                   total_count=int(page["totalCount"]))
 
 
 @strawberry.type
@@ -232,42 +262,11 @@ class Customer:
     tier: str
     version: int
 
-    @strawberry.field(description="This customer's orders, newest first.")
+    @strawberry.field(description="This customer's orders, newest first.",
+                      metadata=Relation(ORDER_PAGES, via="id", paged=True).metadata())
     async def orders(self, info: Ctx, first: int = 10, after: str | None = None) -> OrderConnection:
-        if not 1 <= first <= 100:
-            raise BadUserInput("first must be from 1 to 100")
-        url = f"/orders?customerId={int(self.id)}&limit={first}"
-        if after is not None:
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", after):
-                raise BadUserInput("after is not a cursor this API issued")
-            url += f"&after={after}"
-        page = await info.context.loaders.page(ORDER, url)
-        with contract(ORDER.service, "order page"):
-            return OrderConnection(
-                edges=[OrderEdge(cursor=_cursor(order.id), node=order) for order in page["data"]],
-                page_info=PageInfo(has_next_page=page["nextCursor"] is not None, end_cursor=page["nextCursor"]),
-                total_count=int(page["totalCount"]),
-            )
+        return await resolve(info, self, first=first, after=after)
 
     @classmethod
     def of(cls, p: dict[str, Any]) -> Customer:
         return cls(id=strawberry.ID(str(p["id"])), name=p["name"], email=p["email"], tier=p["tier"], version=p["version"])
-
-
-# The entity bindings: which service answers for which type, through which batch route,
-# and how long its data may be cached. Prices and stock move; authors hardly ever do.
-# Personal data (customers, their orders, payments, shipments) is cached per caller.
-MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
-CUSTOMER = Binding("customer", "customers", "/customers", Customer.of, policy=CachePolicy(MINUTE, HOUR, private=True))
-BOOK = Binding("book", "catalog", "/books", Book.of, policy=CachePolicy(30.0, HOUR))
-AUTHOR = Binding("author", "catalog", "/authors", Author.of, policy=CachePolicy(HOUR, DAY))
-STOCK = Binding("stock", "inventory", "/stock", Stock.of, param="bookIds", key="bookId", optional=True,
-                policy=CachePolicy(5.0, 10 * MINUTE))
-ORDER = Binding("order", "orders", "/orders", Order.of, policy=CachePolicy(MINUTE, HOUR, private=True))
-# Looked up by order id while their change events name the payment's or shipment's own
-# id, so events cannot find these entries: they live by their (short) TTL alone.
-PAYMENT = Binding("payment", "payments", "/payments", Payment.of, param="orderIds", key="orderId", optional=True,
-                  policy=CachePolicy(15.0, HOUR, private=True))
-SHIPMENT = Binding("shipment", "shipping", "/shipments", Shipment.of, param="orderIds", key="orderId", optional=True,
-                   policy=CachePolicy(15.0, HOUR, private=True))
-BINDINGS = (CUSTOMER, BOOK, AUTHOR, STOCK, ORDER, PAYMENT, SHIPMENT)

@@ -7,17 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
 
-from gateway import Settings, create_app
+from bookvault import create_app
+from gateway import Settings
 from gateway.config import ResilienceConfig, ServiceConfig
 from mock_services import SERVICES
 from mock_services import create_app as create_service
@@ -132,6 +137,20 @@ async def gateway_client(shop: Shop, **options: Any) -> AsyncIterator[httpx.Asyn
         yield client
 
 
+REDIS = "redis://127.0.0.1:6379/0"  # the machine's shared Redis: tests use a namespace each, never flush it
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    """A Redis key namespace of this test's own, removed afterwards."""
+    name = f"bvtest-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = aioredis.from_url(REDIS)
+    async for key in client.scan_iter(f"{name}:*"):
+        await client.unlink(key)
+    await client.aclose()
+
+
 @pytest.fixture
 async def shop(seeded_dir: Path, tmp_path: Path) -> AsyncIterator[Shop]:
     async with running_shop(seeded_dir, tmp_path) as shop:
@@ -213,3 +232,42 @@ def http_answer(status: str, content_type: str, body: bytes, headers: Mapping[st
     head = [f"HTTP/1.1 {status}", f"content-type: {content_type}", f"content-length: {length or len(body)}",
             "connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own on a free port (its URL and process), stopped after:
+    a test may pause (SIGSTOP) or stop it without disturbing anybody else's Redis."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, timeout=2)
+            if ping.stdout.strip() == b"PONG":
+                break
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server did not start on port {port}")
+        yield f"redis://127.0.0.1:{port}/0", process
+    finally:
+        process.send_signal(signal.SIGCONT)  # a paused server cannot stop
+        process.terminate()
+        process.wait(5)
+
+
+class SlowFeed(httpx.AsyncBaseTransport):
+    """Delays every change-feed page by `delay` seconds after it arrived: an instance whose
+    follower lags behind the others (a busy process, a slow network path)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path == "/events":
+            await response.aread()
+            await asyncio.sleep(self.delay)  # the lag itself, not a wait for an event
+        return response

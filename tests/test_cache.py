@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.cache import FORMAT
 from gateway.config import ResilienceConfig
 from shop import Shop, running_gateway
 
@@ -22,15 +21,6 @@ HISTORY = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { node
 BOOK = "query($id: ID!) { book(id: $id) { id title version price { amount } } }"
 
 
-@pytest.fixture
-async def namespace() -> AsyncIterator[str]:
-    """A Redis key namespace of this test's own, removed afterwards."""
-    name = f"bvtest-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = aioredis.from_url(REDIS)
-    async for key in client.scan_iter(f"{name}:*"):
-        await client.unlink(key)
-    await client.aclose()
 
 
 class Clock:
@@ -178,7 +168,7 @@ async def test_private_records_never_cross_callers(shop: Shop, namespace: str) -
         await ask(client, query)
         assert (await count_calls(shop))["customers"] == 2
     store = aioredis.from_url(REDIS)
-    scopes = await store.hkeys(f"{namespace}:c1:customer:11")
+    scopes = await store.hkeys(f"{namespace}:{FORMAT}:customer:11")
     await store.aclose()
     assert len(scopes) == 2 and all(s.startswith(b"u:") for s in scopes)  # Alice's and Bob's; no public copy
     assert not any(b"alice" in s or b"bob" in s for s in scopes)  # the credential itself is never stored
@@ -228,7 +218,7 @@ async def test_queries_survive_redis_stopping_and_use_it_again_when_it_returns(s
                 if redis.up:
                     break
             store = aioredis.from_url(url)
-            assert redis.up and await store.exists("bv:c1:book:24")
+            assert redis.up and await store.exists(f"bv:{FORMAT}:book:24")
             await store.aclose()
     finally:
         stop(server)

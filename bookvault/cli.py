@@ -1,11 +1,11 @@
-"""The `bookvault` command (DESIGN §8)."""
+"""The `bookvault` command: services, gateway, demo, schema (README, "Configuration")."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .config import Settings
+from gateway.config import Settings
 
 
 def _services(args: argparse.Namespace, settings: Settings):  # type: ignore[no-untyped-def]
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--admin", action="store_true", help="enable /_admin faults and stats on the services")
     commands.add_parser("gateway", help="start the gateway")
     commands.add_parser("schema", help="print the GraphQL SDL")
+    sub = commands.add_parser("manifest", help="write the trusted-documents manifest of schema/examples/ "
+                                               "(Apollo's persisted-query manifest format)")
+    sub.add_argument("-o", "--output", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
 
@@ -37,15 +40,33 @@ def main(argv: list[str] | None = None) -> int:
         from mock_services.runner import Child, supervise
 
         url = f"http://{settings.host}:{settings.port}"
-        gateway = Child("gateway", [sys.executable, "-m", "gateway.cli", "gateway"], url)
+        gateway = Child("gateway", [sys.executable, "-m", "bookvault.cli", "gateway"], url, tier=1)
         return supervise(_services(args, settings) + [gateway], banner=f"GraphiQL: {url}/graphql  ")
     if args.command == "gateway":
         import uvicorn
 
-        from .logs import configure
+        from gateway.logs import configure
 
         configure()  # one JSON line per request, on stderr
-        uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port, log_level="warning")
+        # On SIGTERM/Ctrl-C: in-flight requests finish (each is bounded by its deadline), then
+        # the lifespan ends the change-feed long-polls; past the grace period uvicorn cancels.
+        grace = settings.resilience.deadline + 1
+        uvicorn.run("bookvault.app:create_app", factory=True, host=settings.host, port=settings.port, log_level="warning",
+                    timeout_graceful_shutdown=grace)
+        return 0
+    if args.command == "manifest":
+        import json
+        from pathlib import Path
+
+        from gateway.persisted import manifest
+        from schema import SDL_PATH
+
+        bodies = [p.read_text() for p in sorted((SDL_PATH.parent / "examples").glob("*.graphql"))]
+        text = json.dumps(manifest(bodies), indent=2) + "\n"
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            print(text, end="")
         return 0
     if args.command == "schema":
         from schema import sdl

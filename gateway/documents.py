@@ -1,0 +1,272 @@
+"""The document cache (ARCHITECTURE.md, "Front door"): a query text is parsed, checked
+against the limits and validated once; every later request with the same text reuses the
+result, errors included.
+
+Every limit is computed in time linear in the document: a fragment's depth and alias count
+are computed once and reused at each spread, so a document of fragments that each spread
+the next twice costs one pass, not 2^n (strawberry's limiters expand every spread). The
+limits run before validation, so a hostile document is refused before graphql-core's
+validation walks it.
+
+Validation is not linear: graphql-core's OverlappingFieldsCanBeMerged compares every pair
+of fields with one response name, so a few hundred repeated fields cost a second of CPU.
+The length and selection limits bound that work, and a document not yet cached is parsed
+and validated in a worker thread (`load`), so however long it takes, the event loop keeps
+serving other requests (the GIL is handed back every few milliseconds). Concurrent
+requests with one new text share one load.
+
+Every error carries a code a client can act on: GRAPHQL_PARSE_FAILED,
+GRAPHQL_VALIDATION_FAILED, INTROSPECTION_DISABLED, or the limit it broke."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSchema,
+    GraphQLSyntaxError,
+    InlineFragmentNode,
+    NoSchemaIntrospectionCustomRule,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    VariableNode,
+    parse,
+    specified_rules,
+    validate,
+)
+
+__all__ = ["Document", "DocumentCache", "Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per document (README, "Limits and cost"): characters of the text, lexical tokens, field
+    depth, aliases, and selections (fields, fragment spreads, inline fragments, as written)."""
+
+    max_length: int = 32_768
+    max_tokens: int = 5000
+    max_depth: int = 12
+    max_aliases: int = 50
+    max_selections: int = 200
+    introspection: bool = True  # off: __schema and __type are refused, and no "Did you mean" hints
+
+
+@dataclass
+class Document:
+    """One query text, parsed, checked and validated: `errors` is empty when it may run."""
+
+    text: str
+    hash: str  # SHA-256 of the text, the id persisted queries use
+    node: DocumentNode | None = None
+    errors: list[GraphQLError] = field(default_factory=list)
+    operations: dict[str | None, OperationDefinitionNode] = field(default_factory=dict)
+    # Variables that @skip/@include read: the only ones that change which fields run.
+    directive_variables: tuple[str, ...] = ()
+
+    def operation(self, name: str | None) -> OperationDefinitionNode | GraphQLError:
+        if name is None:
+            if len(self.operations) == 1:
+                return next(iter(self.operations.values()))
+            return GraphQLError("Must provide operation name if query contains multiple operations.")
+        found = self.operations.get(name)
+        return found if found is not None else GraphQLError(f"Unknown operation named '{name}'.")
+
+
+class DocumentCache:
+    """Bounded (least recently used out first); `validations` counts documents validated."""
+
+    def __init__(self, schema: GraphQLSchema, limits: Limits | None = None, size: int = 512) -> None:
+        self.schema = schema
+        self.limits = limits or Limits()
+        self.size = size
+        self.validations = 0
+        self._documents: OrderedDict[str, Document] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Document]] = {}
+        self._rules = list(specified_rules)
+        if not self.limits.introspection:
+            self._rules.append(NoSchemaIntrospectionCustomRule)
+        self._executor: ThreadPoolExecutor | None = None
+
+    def get(self, text: str) -> Document:
+        """The document of `text`, loaded on the calling thread if it is not cached."""
+        document = self.cached(text)
+        if document is None:
+            document = self._store(text, self._load(text))
+        return document
+
+    def cached(self, text: str) -> Document | None:
+        document = self._documents.get(text)
+        if document is not None:
+            self._documents.move_to_end(text)
+        return document
+
+    async def load(self, text: str) -> Document:
+        """The document of `text`; a new text is loaded in a worker thread, once however many
+        requests ask for it meanwhile (cancelling one request leaves the load to the others)."""
+        document = self.cached(text)
+        if document is not None:
+            return document
+        flight = self._loading.get(text)
+        if flight is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(2, thread_name_prefix="bookvault-documents")
+            flight = asyncio.get_running_loop().run_in_executor(self._executor, self._load, text)
+            self._loading[text] = flight
+            flight.add_done_callback(lambda f: self._landed(text, f))
+        return await asyncio.shield(flight)
+
+    def _landed(self, text: str, flight: asyncio.Future[Document]) -> None:
+        self._loading.pop(text, None)
+        if not flight.cancelled() and flight.exception() is None:
+            self._store(text, flight.result())
+
+    def _store(self, text: str, document: Document) -> Document:
+        self._documents[text] = document
+        if len(self._documents) > self.size:
+            self._documents.popitem(last=False)
+        return document
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _load(self, text: str) -> Document:
+        document = Document(text, hashlib.sha256(text.encode()).hexdigest())
+        limits = self.limits
+        if len(text) > limits.max_length:
+            # Checked before parsing: the lexer's time grows with the text, tokens or not.
+            document.errors = [GraphQLError(f"The document has {len(text)} characters: the limit is "
+                                            f"{limits.max_length}", extensions={"code": "LENGTH_LIMIT_EXCEEDED"})]
+            return document
+        try:
+            document.node = parse(text, max_tokens=limits.max_tokens)
+        except GraphQLSyntaxError as error:
+            document.errors = [_parse_error(error, limits.max_tokens)]
+            return document
+        document.operations = {d.name.value if d.name else None: d for d in document.node.definitions
+                               if isinstance(d, OperationDefinitionNode)}
+        document.errors = _check(document.node, limits)
+        if not document.errors:
+            self.validations += 1
+            document.errors = [_coded(e, "GRAPHQL_VALIDATION_FAILED") for e in
+                               validate(self.schema, document.node, self._rules, max_errors=50,
+                                        hide_suggestions=not limits.introspection)]
+        if not document.errors:
+            document.directive_variables = _directive_variables(document.node)
+        return document
+
+
+def _parse_error(error: GraphQLSyntaxError, max_tokens: int) -> GraphQLError:
+    # graphql-core reports its token limit as a syntax error; it is a limit, said as one.
+    if "tokens. Parsing aborted" in error.message:
+        return GraphQLError(f"The document has more than {max_tokens} tokens: the limit is {max_tokens}",
+                            extensions={"code": "TOKEN_LIMIT_EXCEEDED", "limit": max_tokens})
+    return _coded(error, "GRAPHQL_PARSE_FAILED")
+
+
+def _coded(error: GraphQLError, code: str) -> GraphQLError:
+    if error.extensions and "code" in error.extensions:
+        return error
+    if error.message.startswith("GraphQL introspection has been disabled"):
+        code = "INTROSPECTION_DISABLED"
+    error.extensions = {**(error.extensions or {}), "code": code}
+    return error
+
+
+def _check(node: DocumentNode, limits: Limits) -> list[GraphQLError]:
+    selections = _selections(node)
+    if selections > limits.max_selections:
+        return [GraphQLError(f"The document has {selections} selections (fields and fragments): the limit is "
+                             f"{limits.max_selections}", extensions={"code": "FIELD_LIMIT_EXCEEDED",
+                                                                      "limit": limits.max_selections})]
+    fragments = {d.name.value: d for d in node.definitions if isinstance(d, FragmentDefinitionNode)}
+    measure = _Measure(fragments)
+    errors = []
+    for definition in node.definitions:
+        if not isinstance(definition, OperationDefinitionNode):
+            continue
+        depth, aliases = measure.selections(definition.selection_set)
+        name = definition.name.value if definition.name else "anonymous"
+        if depth > limits.max_depth:
+            errors.append(GraphQLError(f"'{name}' exceeds maximum operation depth of {limits.max_depth}",
+                                       [definition], extensions={"code": "DEPTH_LIMIT_EXCEEDED", "limit": limits.max_depth}))
+        if aliases > limits.max_aliases:
+            errors.append(GraphQLError(f"{aliases if aliases < 10**6 else 'more than a million'} aliases found. "
+                                       f"Allowed: {limits.max_aliases}", [definition],
+                                       extensions={"code": "ALIAS_LIMIT_EXCEEDED", "limit": limits.max_aliases}))
+    return errors
+
+
+def _selections(node: DocumentNode) -> int:
+    """Fields, fragment spreads and inline fragments as written (each fragment once)."""
+    count, stack = 0, [d.selection_set for d in node.definitions if getattr(d, "selection_set", None)]
+    while stack:
+        selection_set = stack.pop()
+        for selection in selection_set.selections:
+            count += 1
+            if getattr(selection, "selection_set", None) is not None:
+                stack.append(selection.selection_set)
+    return count
+
+
+class _Measure:
+    """Depth and alias count of selection sets, each fragment measured once."""
+
+    def __init__(self, fragments: dict[str, FragmentDefinitionNode]) -> None:
+        self.fragments = fragments
+        self.memo: dict[str, tuple[int, int]] = {}
+        self.visiting: set[str] = set()
+
+    def selections(self, selection_set: SelectionSetNode | None) -> tuple[int, int]:
+        depth, aliases = 0, 0
+        for selection in selection_set.selections if selection_set else ():
+            if isinstance(selection, FieldNode):
+                d, a = self.selections(selection.selection_set)
+                depth, aliases = max(depth, d + 1), aliases + a + (selection.alias is not None)
+            elif isinstance(selection, InlineFragmentNode):
+                d, a = self.selections(selection.selection_set)
+                depth, aliases = max(depth, d), aliases + a
+            elif isinstance(selection, FragmentSpreadNode):
+                d, a = self.fragment(selection.name.value)
+                depth, aliases = max(depth, d), aliases + a
+        return depth, aliases
+
+    def fragment(self, name: str) -> tuple[int, int]:
+        if name in self.memo:
+            return self.memo[name]
+        definition = self.fragments.get(name)
+        if definition is None or name in self.visiting:
+            return 0, 0  # unknown or cyclic: validation says so
+        self.visiting.add(name)
+        self.memo[name] = self.selections(definition.selection_set)
+        self.visiting.discard(name)
+        return self.memo[name]
+
+
+def _directive_variables(node: DocumentNode) -> tuple[str, ...]:
+    found: set[str] = set()
+
+    def visit(n: Any) -> None:
+        for directive in getattr(n, "directives", None) or ():
+            if directive.name.value in ("skip", "include"):
+                for argument in directive.arguments:
+                    if isinstance(argument.value, VariableNode):
+                        found.add(argument.value.name.value)
+        selection_set = getattr(n, "selection_set", None)
+        for child in selection_set.selections if selection_set else ():
+            visit(child)
+
+    for definition in node.definitions:
+        visit(definition)
+    return tuple(sorted(found))

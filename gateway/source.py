@@ -1,0 +1,313 @@
+"""The entity source (ARCHITECTURE.md, "Entity source"): the one read-through layer between
+the executors and the services. Asked for (binding, keys) on behalf of a caller, it answers
+per key with the parsed entity, ``None`` (an optional relation that has none), a
+`GatewayError`, or a `Stale` value, and owns everything in between:
+
+- cache lookup and freshness, and the private-scope rule, written once here: private data
+  is cached per caller and never for anonymous callers;
+- one call per chunk of ``maxBatch`` ids, chunks sent concurrently, de-duplicated ids;
+- single-flight of identical reads in flight from concurrent requests (reads only; private
+  data only within one caller; never across a change event);
+- the version guard: a lagging answer never replaces a newer version the cache holds;
+- stale-if-error: an entry within max-stale is served when the service fails.
+
+It knows nothing of books: a `Binding` says which route answers for an entity."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .cache import CachePolicy, EntityCache, Entry
+from .errors import GatewayError, NotFound, UpstreamBadResponse, UpstreamError
+from .flights import SingleFlight
+from .metrics import record_stale
+from .resilience import Deadline
+from .telemetry import annotate, batch_span, failed
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .consistency import Session
+
+__all__ = ["Binding", "EntitySource", "Reader", "Stale", "contract"]
+
+
+@contextlib.contextmanager
+def contract(service: str, what: str) -> Iterator[None]:
+    """A payload that lacks a field or has one of the wrong type breaks the service's
+    contract: that is the service's fault (UPSTREAM_BAD_RESPONSE), not an internal error."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UpstreamBadResponse(f"{service} sent a {what} not in its contract ({exc!r})", service=service) from exc
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How one entity type is fetched: ``GET {path}?{param}=1,2,3`` on `service`, each item
+    of the answer's ``data`` matched to the id asked for by its `key` field."""
+
+    entity: str
+    service: str
+    path: str
+    parse: Callable[[dict[str, Any]], Any]
+    param: str = "ids"
+    key: str = "id"  # the payload field that answers to the requested id
+    optional: bool = False  # absent means "there is none" (an order's payment), not an error
+    policy: CachePolicy | None = None  # None: never cached
+    # The parsed entity's attribute that equals the key it was fetched by (None: no such
+    # attribute, e.g. a payment fetched by its order's id). A relation keyed by it can be
+    # read in the same level as this entity: its keys are known before the entity is.
+    identity: str | None = "id"
+    # One-to-many: each key has a list of items (the reviews of a book), grouped by `key`
+    # from one batch answer; a key with none gets an empty list. Never cached.
+    many: bool = False
+    # The event field naming the key this entity is cached under when that is not its own
+    # id (a payment cached by its order: "orderId"). Such entries are ordered by feed
+    # position, not version: several entities answer for one key over time (gateway/feed.py).
+    feed_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.many and self.policy is not None:
+            raise ValueError(f"{self.entity}: one-to-many bindings are not cached")
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A value served from cache because its service failed; where it is served is reported."""
+
+    value: Any
+    service: str
+    version: int
+    age_ms: int
+
+
+class EntitySource:
+    """Long-lived (made in the app's lifespan): the cache, the upstream clients, the
+    single-flight table and the effective cache policies. `reader()` gives a request's view."""
+
+    def __init__(self, upstream: Upstream, cache: EntityCache | None = None,
+                 policies: Mapping[str, CachePolicy] | None = None, flights: SingleFlight | None = None) -> None:
+        self.upstream = upstream
+        self.cache = cache
+        self.policies = dict(policies or {})
+        self.flights = flights
+
+    def reader(self, identity: str | None = None, deadline: Deadline | None = None,
+               session: Session | None = None) -> Reader:
+        return Reader(self, identity, deadline, session)
+
+    def policy(self, binding: Binding) -> CachePolicy | None:
+        return self.policies.get(binding.entity, binding.policy)
+
+
+class Reader:
+    """One request's reads: its caller's identity (a verified subject or a hash of the
+    credential; None for anonymous callers) and its deadline."""
+
+    def __init__(self, source: EntitySource, identity: str | None, deadline: Deadline | None,
+                 session: Session | None = None) -> None:
+        self.source = source
+        self.identity = identity
+        self.deadline = deadline
+        self.session = session  # the request's consistency token (gateway/consistency.py)
+
+    async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
+        """Every key's answer; `query` is appended to each call's URL (e.g. ``&limit=20``)."""
+        unique = list(dict.fromkeys(keys))
+        size = self.source.upstream.max_batch(binding.service)
+        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        if len(chunks) == 1:
+            return await self._chunk(binding, chunks[0], query)
+        out: dict[Any, Any] = {}
+        for part in await asyncio.gather(*(self._chunk(binding, c, query) for c in chunks)):
+            out.update(part)
+        return out
+
+    async def page(self, binding: Binding, url: str) -> Any:
+        """One non-batch read (a cursor page), parsed with `binding.parse`; an error is returned."""
+        with batch_span(binding.service, binding.path):
+            try:
+                body, _ = await self._get(binding, url, await self._settle(binding))
+                with contract(binding.service, binding.entity):
+                    return binding.parse(body)
+            except GatewayError as exc:
+                failed(exc)
+                return exc
+
+    # -- one batch call ------------------------------------------------------------------
+
+    def _scope(self, binding: Binding) -> tuple[CachePolicy, str] | None:
+        """Where `binding`'s entries live for this caller; None: nothing is cached."""
+        policy = self.source.policy(binding)
+        if self.source.cache is None or policy is None or policy.ttl <= 0:
+            return None  # a TTL of 0 turns the cache off for the type: nothing read or written
+        if policy.private:
+            # Private data is cached per caller and never for anonymous callers (ARCHITECTURE.md).
+            return (policy, f"u:{self.identity}") if self.identity else None
+        return policy, "public"
+
+    async def _chunk(self, binding: Binding, keys: list[Any], query: str) -> dict[Any, Any]:
+        with batch_span(binding.service, binding.path, len(keys)):
+            bypass = await self._settle(binding)
+            scoped = None if bypass else self._scope(binding)
+            if scoped is None:
+                fetched = await self._fetch(binding, keys, query, bypass)
+                return {k: self._result(binding, k, fetched) for k in keys}
+            cache = self.source.cache
+            assert cache is not None
+            policy, scope = scoped
+            cached = await cache.get_many(binding.entity, scope, keys, policy)
+            fresh = cache.fresh_keys(cached, policy)
+            need = [k for k in keys if k not in fresh]
+            annotate(cache_hits=len(keys) - len(need), cache_misses=len(need))
+            fetched = await self._fetch(binding, need, query) if need else {}
+            now = cache.clock()
+            entries: dict[Any, Entry] = {}
+            if isinstance(fetched, dict):
+                seq = self._seen(binding, fetched, cached)
+                by_seq = binding.feed_key is not None  # ordered by feed position (gateway/feed.py)
+                for k in need:
+                    p = fetched.get(k)
+                    if isinstance(p, dict) and isinstance(p.get("version"), int):
+                        entries[k] = Entry(p, seq if by_seq else p["version"], now, binding.service, seq=seq)
+                    elif p is None and binding.optional:
+                        # "There is none" is an answer too; version 0 yields to any announced change.
+                        entries[k] = Entry(None, seq if by_seq else 0, now, binding.service, seq=seq)
+                await cache.put_many(binding.entity, scope, entries, policy)
+            else:
+                self._seen(binding, None, cached)
+            out, stale = {}, 0
+            for k in keys:
+                entry = cached.get(k)
+                if k not in need:
+                    out[k] = self._cached(binding, k, entry)  # type: ignore[arg-type]
+                elif isinstance(fetched, UpstreamError):
+                    if entry is not None and cache.usable_stale(entry, policy):
+                        value = self._cached(binding, k, entry)
+                        if not isinstance(value, Exception):
+                            version = entry.payload.get("version", entry.version) if entry.payload else entry.version
+                            value = Stale(value, binding.service, version, int((now - entry.fetched_at) * 1000))
+                            stale += 1
+                        out[k] = value
+                    else:
+                        out[k] = fetched
+                elif entry is not None and k in entries and entry.version > entries[k].version:
+                    # Never show older data than we have seen: a lagging answer loses.
+                    out[k] = self._cached(binding, k, entry)
+                else:
+                    out[k] = self._result(binding, k, fetched)
+            if stale:
+                annotate(stale_served=stale)
+                record_stale(binding.entity, stale)
+            return out
+
+    async def _fetch(self, binding: Binding, keys: list[Any], query: str,
+                     bypass: bool = False) -> dict[Any, Any] | UpstreamError:
+        """One batch call: the payloads found, by key (the answer's feed position under
+        `_POSITION`), or the error that stands for every key."""
+        url = f"{binding.path}?{binding.param}={','.join(map(str, keys))}{query}"
+        try:
+            body, seq = await self._get(binding, url, bypass)
+            return _index(body, binding, seq)
+        except UpstreamError as exc:
+            failed(exc)
+            return exc
+
+    async def _get(self, binding: Binding, url: str, bypass: bool = False) -> tuple[Any, int]:
+        """The answer, and the feed position it reflects (-1: unknown)."""
+        source = self.source
+        session = self.session
+
+        async def get() -> Any:
+            return await source.upstream.get_json_at(binding.service, url, deadline=self.deadline)
+
+        policy = source.policy(binding)
+        private = policy is None or policy.private
+        if source.flights is None or (private and not self.identity) or bypass:
+            answer = await get()  # anonymous callers of private data share nothing
+        else:
+            # A flight begun before a change event for this type may carry the old version;
+            # one begun by a request with an older token (or none) may predate the write the
+            # token names: requests share flights only with the same position asked.
+            epoch = source.cache.epoch(binding.entity) if source.cache is not None else 0
+            asked = session.want(binding.service) if session is not None else 0
+            key: Hashable = (binding.service, url, self.identity if private else None, epoch, asked)
+            answer, joined = await source.flights.do(key, get)
+            if joined:
+                annotate(shared_flight=True)
+        body, seq = answer
+        if session is not None:
+            if bypass:
+                session.refute(binding.service, seq)
+            session.saw(binding.service, seq)
+        return body, seq
+
+    # -- consistency hooks (gateway/consistency.py) ------------------------------------------
+
+    async def _settle(self, binding: Binding) -> bool:
+        """True: this request's token names a position of the service this instance could
+        not catch up with in time, so its caches are bypassed."""
+        return self.session is not None and await self.session.settle(binding.service)
+
+    def _seen(self, binding: Binding, fetched: dict[Any, Any] | None, cached: dict[Any, Entry]) -> int:
+        """The fetched answer's feed position; the token records the cached entries' too."""
+        if self.session is not None:
+            for entry in cached.values():
+                self.session.saw(binding.service, entry.seq)
+        return max(0, int(fetched.get(_POSITION, 0))) if fetched else 0
+
+    def _result(self, binding: Binding, key: Any, fetched: dict[Any, Any] | UpstreamError) -> Any:
+        if isinstance(fetched, UpstreamError):
+            return fetched
+        return self._parse(binding, key, fetched.get(key))
+
+    def _cached(self, binding: Binding, key: Any, entry: Entry) -> Any:
+        if entry.payload is None:
+            return self._parse(binding, key, None)
+        try:
+            with contract(binding.service, binding.entity):
+                return entry.parse(binding.parse)
+        except UpstreamBadResponse as exc:
+            return exc
+
+    @staticmethod
+    def _parse(binding: Binding, key: Any, payload: Any) -> Any:
+        if binding.many:
+            try:
+                with contract(binding.service, binding.entity):
+                    return [binding.parse(p) for p in payload or ()]
+            except UpstreamBadResponse as exc:
+                return exc
+        if payload is None:
+            if binding.optional:
+                return None
+            return NotFound(f"{binding.entity} {key} not found", service=binding.service)
+        try:
+            with contract(binding.service, binding.entity):
+                return binding.parse(payload)
+        except UpstreamBadResponse as exc:
+            return exc
+
+
+# Where `_fetch` keeps the answer's feed position among the payloads (no id is a string).
+_POSITION = "_feedSeq"
+
+
+def _index(body: Any, binding: Binding, seq: int = 0) -> dict[Any, dict[str, Any]]:
+    """Match a batch answer to the ids asked for; its order is not promised (README, services)."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not all(isinstance(item, dict) and isinstance(item.get(binding.key), int) for item in data):
+        raise UpstreamBadResponse(f"{binding.service} sent a batch answer not in its contract", service=binding.service)
+    out: dict[Any, Any]
+    if binding.many:
+        out = {}
+        for item in data:
+            out.setdefault(item[binding.key], []).append(item)
+    else:
+        out = {item[binding.key]: item for item in data}
+    out[_POSITION] = seq
+    return out

@@ -1,0 +1,41 @@
+"""The feed position of an answer: every response of a service's own routes says, in
+`X-Feed-Seq`, the highest change-feed seq written when it was sent (README, "The change
+feed"). It is read after the request's own queries, and a change commits with its event,
+so every change the answer reflects has a seq at or below it: a reader (the gateway's
+consistency token) knows which feed position the data it got is as new as. After a write,
+it is at least the seq of the write's own event."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["FeedPosition", "POSITION_HEADER"]
+
+POSITION_HEADER = "X-Feed-Seq"
+_SKIP = ("/events", "/_admin", "/_meta", "/healthz", "/openapi.json")
+log = logging.getLogger("bookvault.services")
+
+
+class FeedPosition:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(_SKIP):
+            await self.app(scope, receive, send)
+            return
+
+        async def positioned(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                try:
+                    seq = await scope["app"].state.ctx.db.head()
+                except Exception:  # the answer is sent anyway, without a position
+                    log.warning("could not read the feed position", exc_info=True)
+                else:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-feed-seq", str(seq).encode())]}
+            await send(message)
+
+        await self.app(scope, receive, positioned)

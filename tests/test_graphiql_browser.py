@@ -1,0 +1,101 @@
+"""GraphiQL in a real browser (Debian's chromium, driven by Playwright), with every request
+that is not to this machine blocked: the page loads, runs the order page, shows the answer,
+and nothing leaves the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.async_api import Request, Route, async_playwright
+
+from shop import Shop, on_a_real_port, running_gateway
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (never `playwright install`)
+# Headless, and none of chromium's own background traffic (updates, sync, QUIC probes).
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ORDER_PAGE = (Path(__file__).resolve().parent.parent / "schema" / "examples" / "order_page.graphql").read_text()
+LOCAL = {"127.0.0.1", "localhost"}
+SCREENSHOT = Path(os.environ.get("BOOKVAULT_SCREENSHOT", "/tmp/bookvault-graphiql.png"))
+
+
+@contextlib.asynccontextmanager
+async def gateway_on_a_port(shop: Shop) -> AsyncIterator[str]:
+    """The six services and the gateway, each on its own 127.0.0.1 port."""
+    async with contextlib.AsyncExitStack() as stack:
+        urls = {name: await stack.enter_async_context(on_a_real_port(app)) for name, app in shop.apps.items()}
+        _, app = await stack.enter_async_context(running_gateway(shop, urls=urls))
+        yield await stack.enter_async_context(on_a_real_port(app))
+
+
+async def _set_editor(page, selector: str, text: str) -> None:
+    # GraphiQL's editors are CodeMirror 5 instances; setValue is what a paste does.
+    await page.eval_on_selector(selector, "(el, text) => el.CodeMirror.setValue(text)", text)
+
+
+async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_the_machine(shop):
+    """In chromium, GraphiQL from /graphql runs the order page for 4850 and shows its status and customer; every request stays local."""
+    async with shop.client("orders") as orders:
+        order = (await orders.get("/orders/4850")).json()
+    async with shop.client("customers") as customers:
+        customer = (await customers.get(f"/customers/{order['customerId']}")).json()
+
+    requests: list[Request] = []
+    blocked: list[str] = []
+    problems: list[str] = []
+
+    async def only_local(route: Route) -> None:
+        if urlsplit(route.request.url).hostname in LOCAL:
+            await route.continue_()
+        else:
+            blocked.append(route.request.url)
+            await route.abort("blockedbyclient")
+
+    async with gateway_on_a_port(shop) as url, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1400, "height": 900})
+            await context.route("**/*", only_local)
+            context.on("request", lambda request: requests.append(request))
+            page = await context.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+
+            await page.goto(f"{url}/graphql")
+            await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
+            await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', ORDER_PAGE)
+            await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"id": "4850"}))
+            await page.get_by_role("button", name="Headers").click()
+            await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"Authorization": "Bearer demo-user"}))
+            await page.click(".graphiql-execute-button")
+            shown = await page.wait_for_function(
+                """() => { const cm = document.querySelector('.result-window .CodeMirror');
+                           const text = cm && cm.CodeMirror.getValue(); return text && text.includes('"data"') && text; }""",
+                timeout=20_000)
+            result = json.loads(await shown.json_value())
+            await page.screenshot(path=str(SCREENSHOT))
+        finally:
+            await browser.close()
+
+    assert result["data"]["order"]["status"] == order["status"]
+    assert result["data"]["order"]["customer"]["name"] == customer["name"]
+    assert "errors" not in result
+    posts = [r for r in requests if r.method == "POST"]
+    assert [urlsplit(r.url).path for r in posts] == ["/graphql", "/graphql"]  # the schema, then the query
+    assert posts[-1].headers["authorization"] == "Bearer demo-user"
+    assert blocked == [] and problems == []
+    assert {urlsplit(r.url).hostname for r in requests} == {"127.0.0.1"}
+    assert {urlsplit(r.url).path for r in requests if r.method == "GET"} >= {"/graphql", "/graphiql/assets/graphiql-3.8.3/graphiql.min.js"}
+
+
+@pytest.fixture(autouse=True)
+def _chromium_is_installed() -> None:
+    assert Path(CHROMIUM).exists(), "chromium missing: .ci/run installs it (apt-get install chromium)"
