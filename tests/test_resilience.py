@@ -1,4 +1,4 @@
-"""Partial results under failure (DESIGN §6): timeouts and the request deadline, retries,
+"""Partial results under failure (ARCHITECTURE.md, "Resilience"): timeouts and the request deadline, retries,
 circuit breakers, error shapes, the whole-response flag, health and readiness."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ async def test_a_slow_service_times_out_at_its_own_timeout(shop: Shop) -> None:
         started = time.monotonic()
         body = await order_page(client)
         elapsed = time.monotonic() - started
-    assert elapsed < 0.3 + 0.3  # connect + read timeout, and a margin
+    assert elapsed < 2.0  # the service would take 5 s; a wide margin for a loaded machine
     assert failures(body) == [(("order", "payment"), "UPSTREAM_TIMEOUT", "payments")]
     assert body["data"]["order"]["shipment"]["carrier"] and body["data"]["order"]["customer"]["name"]
     assert len((await shop.calls())["payments"]) == 1  # a timeout is not retried
@@ -132,7 +132,7 @@ async def test_the_deadline_cuts_calls_still_in_flight(shop: Shop) -> None:
         started = time.monotonic()
         body = await order_page(client)
         elapsed = time.monotonic() - started
-    assert elapsed < 0.5 + 0.3
+    assert elapsed < 2.0  # the calls would take 5 s or forever
     assert failures(body) == [(("order", "payment"), "UPSTREAM_TIMEOUT", "payments"),
                               (("order", "shipment"), "UPSTREAM_TIMEOUT", "shipping")]
     assert body["data"]["order"]["customer"]["name"] and body["data"]["order"]["items"][0]["book"]["title"]
@@ -140,27 +140,29 @@ async def test_the_deadline_cuts_calls_still_in_flight(shop: Shop) -> None:
 
 
 async def test_a_call_that_cannot_finish_in_time_is_not_started(shop: Shop) -> None:
-    """When the order itself eats the budget, the next level is not called at all and its fields time out."""
+    """When the order itself eats the budget, the level that needs its data is not called at all and times out;
+    the payment and shipment, read beside the order (same key), answer."""
     await shop.faults("orders", latencyMs=300)
     async with gateway_for(shop, resilience=ResilienceConfig(deadline=0.6, min_call=0.35)) as client:
         body = await order_page(client)
     assert body["data"]["order"]["id"] == ORDER_ID
+    assert body["data"]["order"]["payment"] and body["data"]["order"]["shipment"]
     codes = {(service, code) for _, code, service in failures(body)}
-    assert codes == {(s, "UPSTREAM_TIMEOUT") for s in ("customers", "catalog", "payments", "shipping")}
+    assert codes == {(s, "UPSTREAM_TIMEOUT") for s in ("customers", "catalog")}
     calls = await shop.calls()
-    assert [name for name, reqs in calls.items() if reqs] == ["orders"]
+    assert [name for name, reqs in calls.items() if reqs] == ["orders", "payments", "shipping"]
 
 
 async def test_a_read_timeout_holds_over_a_real_socket(shop: Shop) -> None:
     """Over a real socket, httpx's read timeout answers first: UPSTREAM_TIMEOUT well before the asyncio cap."""
     await shop.faults("payments", hang=True)
     async with on_a_real_port(shop.apps["payments"]) as url:
-        slow = {"payments": {"connect_timeout": 1.0, "read_timeout": 0.2}}
+        slow = {"payments": {"connect_timeout": 5.0, "read_timeout": 0.2}}
         async with gateway_for(shop, urls={"payments": url}, per_service=slow) as client:
             started = time.monotonic()
             body = await order_page(client)
             elapsed = time.monotonic() - started
-    assert elapsed < 0.6  # the asyncio cap would be connect + read = 1.2 s
+    assert elapsed < 2.0  # the asyncio cap would be connect + read = 5.2 s
     assert failures(body) == [(("order", "payment"), "UPSTREAM_TIMEOUT", "payments")]
 
 
@@ -221,27 +223,27 @@ async def test_a_retry_waits_as_long_as_retry_after_asks(shop: Shop) -> None:
         body = await order_page(client)
         elapsed = time.monotonic() - started
     assert "errors" not in body and len(server.requests) == 2
-    assert 1.0 <= elapsed < 1.0 + 0.5
+    assert 1.0 <= elapsed < 1.0 + 1.5
 
     too_long = RawServer(http_answer("429 Too Many Requests", "application/json", b"{}", {"retry-after": "30"}))
     async with too_long.serving() as url, gateway_for(shop, urls={"payments": url}) as client:
         started = time.monotonic()
         body = await order_page(client)
-    assert time.monotonic() - started < 0.5 and len(too_long.requests) == 1
+    assert time.monotonic() - started < 5 and len(too_long.requests) == 1  # 30 s if it waited
     assert failures(body) == [(("order", "payment"), "UPSTREAM_UNAVAILABLE", "payments")]
 
 
 async def test_retries_stay_within_the_deadline(shop: Shop) -> None:
     """A service failing slowly is retried only while the deadline leaves room; the answer is on time."""
-    await shop.faults("payments", errorRate=1, errorStatus=503, latencyMs=150)
+    await shop.faults("payments", errorRate=1, errorStatus=503, latencyMs=300)
     config = ResilienceConfig(deadline=1.0, min_call=0.2, breaker_threshold=100)
     async with gateway_for(shop, retries=10, resilience=config) as client:
         started = time.monotonic()
         body = await order_page(client)
         elapsed = time.monotonic() - started
-    assert elapsed < 1.0 + 0.3
+    assert elapsed < 2.0  # 11 calls of 300 ms would take 3.3 s
     assert failures(body) == [(("order", "payment"), "UPSTREAM_UNAVAILABLE", "payments")]
-    assert 2 <= len((await shop.calls())["payments"]) <= 5  # 11 were allowed; 150 ms each cannot fit
+    assert 2 <= len((await shop.calls())["payments"]) <= 3  # 11 were allowed; 300 ms each cannot fit
 
 
 async def test_the_retry_budget_caps_retries_across_requests(shop: Shop) -> None:
@@ -304,7 +306,7 @@ async def test_the_breaker_opens_after_consecutive_failures_and_fails_fast(shop:
             await shop.reset_stats()
             started = time.monotonic()
             body = await order_page(client)
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 2  # the call is not made at all (checked below)
             ready = (await client.get("/readyz")).json()
     assert failures(body) == [(("order", "payment"), "UPSTREAM_UNAVAILABLE", "payments")]
     assert (await shop.calls())["payments"] == []

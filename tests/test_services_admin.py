@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 
 import httpx
@@ -38,22 +37,23 @@ async def test_admin_routes_are_404_without_admin(catalog, error_of, method, pat
 
 
 async def test_latency_fault_delays_each_response(admin_catalog):
-    """latencyMs=200 makes each request take at least 200 ms, by the client's clock and the stats."""
-    assert (await admin_catalog.post("/_admin/faults", json={"latencyMs": 200})).json()["latencyMs"] == 200
+    """latencyMs=500 makes each request take at least 500 ms, by the client's clock and the stats."""
+    assert (await admin_catalog.post("/_admin/faults", json={"latencyMs": 500})).json()["latencyMs"] == 500
     started = time.monotonic()
     assert (await admin_catalog.get("/books/1")).status_code == 200
-    assert time.monotonic() - started >= 0.2
-    assert min(await _durations(admin_catalog, 2)) >= 0.2
+    assert time.monotonic() - started >= 0.5
+    assert min(await _durations(admin_catalog, 2)) >= 0.5
 
     assert (await admin_catalog.delete("/_admin/faults")).status_code == 204
-    assert max(await _durations(admin_catalog, 2)) < 0.2
+    assert max(await _durations(admin_catalog, 2)) < 0.5  # a loaded machine's margin, still under the fault
 
 
 async def test_jitter_fault_spreads_latency_up_to_jitter(admin_catalog):
-    """jitterMs=100 adds a random 0-100 ms: durations differ and none goes far past 100 ms."""
-    await admin_catalog.post("/_admin/faults", json={"jitterMs": 100})
-    durations = await _durations(admin_catalog, 10)
-    assert max(durations) < 0.1 + 0.05
+    """jitterMs=300 adds a random 0-300 ms: durations differ and none goes far past 300 ms."""
+    await admin_catalog.post("/_admin/faults", json={"jitterMs": 300})
+    # A route that reads no database: the bound is the jitter's, not a busy database's.
+    durations = await _durations(admin_catalog, 10, "/_meta")
+    assert max(durations) < 0.3 + 0.2
     assert max(durations) - min(durations) > 0.02, durations
 
 
@@ -168,11 +168,10 @@ async def test_stats_record_each_request_with_route_ids_times_and_status(admin_c
     assert (await admin_catalog.get("/_admin/stats")).json() == {"requests": []}
 
 
-async def test_stats_record_a_server_error_as_500(service, data_dir, error_of):
+async def test_stats_record_a_server_error_as_500(service, databases, error_of):
     """A request that fails inside the service is recorded with status 500, and its body has no trace."""
     client = await service("catalog", admin=True, raise_app_exceptions=False)
-    with sqlite3.connect(data_dir / "catalog.db") as db:  # break the service's own database
-        db.execute("ALTER TABLE books RENAME TO gone")
+    await databases.execute("catalog", "ALTER TABLE books RENAME TO gone")  # break the service's own database
     assert error_of(await client.get("/books/1")) == (500, "INTERNAL")
     assert [(r["route"], r["status"]) for r in (await client.get("/_admin/stats")).json()["requests"]] == [
         ("/books/{id}", 500)
