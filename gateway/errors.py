@@ -13,6 +13,8 @@ __all__ = [
     "GatewayError",
     "BadUserInput",
     "NotFound",
+    "Unauthenticated",
+    "Forbidden",
     "UpstreamError",
     "UpstreamUnavailable",
     "CircuitOpen",
@@ -46,6 +48,19 @@ class BadUserInput(GatewayError):
 
 class NotFound(GatewayError):
     code = "NOT_FOUND"
+
+
+class Unauthenticated(GatewayError):
+    """No verified caller where one is needed: a token that fails verification (HTTP 401,
+    nothing runs), or private data asked for anonymously (null at its path)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class Forbidden(GatewayError):
+    """The caller is known but may not see this: another customer's data (null at its path)."""
+
+    code = "FORBIDDEN"
 
 
 class Refused(GatewayError):
