@@ -39,10 +39,14 @@ from graphql import (
     NoSchemaIntrospectionCustomRule,
     OperationDefinitionNode,
     SelectionSetNode,
+    REMOVE,
+    DirectiveNode,
     VariableNode,
+    Visitor,
     parse,
     specified_rules,
     validate,
+    visit,
 )
 
 __all__ = ["Document", "DocumentCache", "Limits"]
@@ -70,8 +74,11 @@ class Document:
     node: DocumentNode | None = None
     errors: list[GraphQLError] = field(default_factory=list)
     operations: dict[str | None, OperationDefinitionNode] = field(default_factory=dict)
-    # Variables that @skip/@include read: the only ones that change which fields run.
+    # Variables that @skip/@include/@defer/@stream read: the only ones that change the plan.
     directive_variables: tuple[str, ...] = ()
+    # The document without @defer and @stream, for the reference execution, which ignores
+    # them (ARCHITECTURE.md, "Incremental delivery"); `node` itself when it has none.
+    plain: DocumentNode | None = None
 
     def operation(self, name: str | None) -> OperationDefinitionNode | GraphQLError:
         if name is None:
@@ -164,6 +171,7 @@ class DocumentCache:
                                         hide_suggestions=not limits.introspection)]
         if not document.errors:
             document.directive_variables = _directive_variables(document.node)
+            document.plain = _plain(document.node) if ("@defer" in text or "@stream" in text) else document.node
         return document
 
 
@@ -259,7 +267,7 @@ def _directive_variables(node: DocumentNode) -> tuple[str, ...]:
 
     def visit(n: Any) -> None:
         for directive in getattr(n, "directives", None) or ():
-            if directive.name.value in ("skip", "include"):
+            if directive.name.value in ("skip", "include", "defer", "stream"):
                 for argument in directive.arguments:
                     if isinstance(argument.value, VariableNode):
                         found.add(argument.value.name.value)
@@ -270,3 +278,12 @@ def _directive_variables(node: DocumentNode) -> tuple[str, ...]:
     for definition in node.definitions:
         visit(definition)
     return tuple(sorted(found))
+
+
+class _Incremental(Visitor):
+    def enter_directive(self, node: DirectiveNode, *_: Any) -> Any:
+        return REMOVE if node.name.value in ("defer", "stream") else None
+
+
+def _plain(node: DocumentNode) -> DocumentNode:
+    return visit(node, _Incremental())  # type: ignore[no-any-return]
