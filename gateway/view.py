@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 import strawberry
-from graphql import ExecutionResult, GraphQLError, OperationDefinitionNode, OperationType, execute
+from graphql import ExecutionResult, GraphQLError, OperationDefinitionNode, OperationType, experimental_execute_incrementally
 from graphql.execution.values import VariableValues, get_variable_values
 from starlette.requests import Request
 from starlette.responses import Response
@@ -350,10 +350,14 @@ async def execute_reference(schema: strawberry.Schema, document: Document, varia
                             operation_name: str | None, context: RequestContext) -> ExecutionResult:
     """graphql-core's execution over the schema's own resolvers: the reference semantics."""
     # @defer and @stream are ignored here (the spec allows it): the whole answer at once.
-    result = execute(schema._schema, document.plain, context_value=context,  # type: ignore[arg-type]
-                     variable_values=variables, operation_name=operation_name,
-                     **execution_context_class_kwargs(StrawberryGraphQLCoreExecutionContext))
-    return await result if isawaitable(result) else result
+    # graphql-core runs a schema that declares them only through its incremental entry point.
+    result = experimental_execute_incrementally(
+        schema._schema, document.plain, context_value=context,  # type: ignore[arg-type]
+        variable_values=variables, operation_name=operation_name,
+        **execution_context_class_kwargs(StrawberryGraphQLCoreExecutionContext))
+    result = await result if isawaitable(result) else result
+    assert isinstance(result, ExecutionResult)  # the document has no @defer or @stream left
+    return result
 
 
 def _wants_html(scope: Scope) -> bool:
