@@ -268,7 +268,7 @@ def _directive_variables(node: DocumentNode) -> tuple[str, ...]:
     def visit(n: Any) -> None:
         for directive in getattr(n, "directives", None) or ():
             if directive.name.value in ("skip", "include", "defer", "stream"):
-                for argument in directive.arguments:
+                for argument in directive.arguments or ():
                     if isinstance(argument.value, VariableNode):
                         found.add(argument.value.name.value)
         selection_set = getattr(n, "selection_set", None)

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from shop import Shop, on_a_real_port, running_gateway
+from shop import Shop, gateway_for, on_a_real_port, running_gateway
 
 ACCEPT = "multipart/mixed;deferSpec=20220824, application/json"  # what Apollo Client 3 sends
 ORDER_PAGE = """query($id: ID!) { order(id: $id) { id status customer { name }
@@ -89,3 +89,79 @@ async def test_the_first_part_arrives_while_the_slowed_shipping_call_is_still_in
     assert entry["path"] == ["order"] and entry["label"] == "later"
     assert entry["data"]["shipment"]["carrier"]
     assert all("available" in item["book"]["stock"] for item in entry["data"]["items"])
+
+
+async def answer(client: httpx.AsyncClient, query: str, variables: dict[str, Any] | None = None,
+                 accept: str = ACCEPT) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """The response and its parts (one, the JSON body, when it is not multipart)."""
+    async with client.stream("POST", "/graphql", json={"query": query, "variables": variables or {}},
+                             headers={"accept": accept}) as response:
+        if not response.headers["content-type"].startswith("multipart/mixed"):
+            await response.aread()
+            return response, [response.json()]
+        return response, [p async for p in parts(response)]
+
+
+async def test_a_failing_deferred_part_carries_its_error_at_its_path_and_the_initial_part_stands(shop: Shop) -> None:
+    """With shipping down, the initial part is whole; the deferred part has shipment null with UPSTREAM_UNAVAILABLE at order.shipment, and says so in its extensions."""
+    await shop.faults("shipping", errorRate=1.0, errorStatus=503)
+    async with gateway_for(shop, retries=0) as client:
+        _, (first, later) = await answer(client, ORDER_PAGE, {"id": "4850"})
+    assert "errors" not in first and first["data"]["order"]["customer"]["name"]
+    assert "complete" not in first.get("extensions", {})
+    (entry,) = later["incremental"]
+    assert entry["data"]["shipment"] is None and entry["data"]["items"]
+    assert [(e["path"], e["extensions"]["code"], e["extensions"]["service"]) for e in entry["errors"]] == [
+        (["order", "shipment"], "UPSTREAM_UNAVAILABLE", "shipping")]
+    assert later["extensions"] == {"complete": False, "failedServices": ["shipping"]}
+    assert later["hasNext"] is False
+
+
+async def test_stream_sends_the_first_initial_count_items_then_the_rest(gateway: httpx.AsyncClient) -> None:
+    """books(ids:) @stream(initialCount: 2): two books in the initial part, the other three in the next, at books.2."""
+    query = 'query($ids: [ID!]!) { books(ids: $ids) @stream(initialCount: 2, label: "more") { id title } }'
+    ids = ["1", "2", "3", "4", "5"]
+    _, payloads = await answer(gateway, query, {"ids": ids})
+    first, *rest = payloads
+    assert [b["id"] for b in first["data"]["books"]] == ["1", "2"] and first["hasNext"] is True
+    assert [p["incremental"] for p in rest] == [[{"items": rest[0]["incremental"][0]["items"], "path": ["books", 2],
+                                                  "label": "more"}]]
+    assert [b["id"] for b in merged(payloads)["data"]["books"]] == ids
+    _, (whole,) = await answer(gateway, query.replace("initialCount: 2", "initialCount: 9"), {"ids": ids})
+    assert [b["id"] for b in whole["data"]["books"]] == ids and whole["hasNext"] is False  # nothing left to stream
+
+
+async def test_a_deferred_fragment_in_a_list_is_sent_at_each_item(gateway: httpx.AsyncClient) -> None:
+    """A fragment deferred in order.items comes once per item, at order.items.<i>, all in one payload."""
+    query = 'query($id: ID!) { order(id: $id) { id items { quantity ... @defer { book { title } } } } }'
+    _, payloads = await answer(gateway, query, {"id": "4850"})
+    first, later = payloads
+    count = len(first["data"]["order"]["items"])
+    assert [e["path"] for e in later["incremental"]] == [["order", "items", i] for i in range(count)]
+    _, (plain,) = await answer(gateway, query.replace("@defer", ""), {"id": "4850"})
+    assert merged(payloads)["data"] == plain["data"]
+
+
+async def test_without_multipart_or_with_if_false_the_answer_is_one_json_body(gateway: httpx.AsyncClient) -> None:
+    """A client that does not accept multipart/mixed, or @defer(if: false), gets the whole answer as plain JSON."""
+    query = 'query($id: ID!, $d: Boolean!) { order(id: $id) { id ... @defer(if: $d) { customer { name } } } }'
+    plain, (body,) = await answer(gateway, query, {"id": "4850", "d": True}, accept="application/json")
+    assert plain.headers["content-type"].startswith("application/json")
+    assert body["data"]["order"]["customer"]["name"] and "hasNext" not in body
+    off, (body,) = await answer(gateway, query, {"id": "4850", "d": False})
+    assert off.headers["content-type"].startswith("application/json")
+    assert body["data"]["order"]["customer"]["name"]
+
+
+async def test_the_reference_execution_ignores_defer(gateway: httpx.AsyncClient) -> None:
+    """Introspection (graphql-core's execution) with @defer answers whole, in one JSON body."""
+    response, (body,) = await answer(gateway, "{ __schema { ... @defer { queryType { name } } } }")
+    assert response.headers["content-type"].startswith("application/json")
+    assert body["data"] == {"__schema": {"queryType": {"name": "Query"}}} and "errors" not in body
+
+
+async def test_the_first_part_carries_the_trace_id_and_the_consistency_token(gateway: httpx.AsyncClient) -> None:
+    """The multipart answer has the trace id header and extensions.traceId on its first part, and the consistency token."""
+    response, (first, *_) = await answer(gateway, ORDER_PAGE, {"id": "4850"})
+    assert first["extensions"]["traceId"] == response.headers["x-trace-id"]
+    assert response.headers.get("x-bookvault-consistency") or "set-cookie" in response.headers
