@@ -1,6 +1,6 @@
 """GraphiQL in a real browser (Debian's chromium, driven by Playwright), with every request
 that is not to this machine blocked: the page loads, runs the order page, shows the answer,
-and nothing leaves the machine."""
+and nothing leaves the machine; a deferred fragment shows up when its part arrives."""
 
 from __future__ import annotations
 
@@ -99,3 +99,47 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
 @pytest.fixture(autouse=True)
 def _chromium_is_installed() -> None:
     assert Path(CHROMIUM).exists(), "chromium missing: .ci/run installs it (apt-get install chromium)"
+
+
+DEFERRED_ORDER_PAGE = """query DeferredOrderPage($id: ID!) {
+  order(id: $id) {
+    id
+    status
+    customer { name }
+    ... @defer(label: "shipping") {
+      shipment { carrier trackingNumber }
+    }
+  }
+}"""
+
+
+async def test_graphiql_shows_a_deferred_fragment_when_its_part_arrives(shop):
+    """In chromium, GraphiQL runs a deferred order page: the pane shows the order while shipping is held, then the shipment once it is let go."""
+    await shop.faults("shipping", hang=True, paths=["/shipments"])
+    problems: list[str] = []
+    async with gateway_on_a_port(shop) as url, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1400, "height": 900})
+            page = await context.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"{url}/graphql")
+            await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
+            await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', DEFERRED_ORDER_PAGE)
+            await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"id": "4850"}))
+            await page.click(".graphiql-execute-button")
+            pane = """(wanted) => { const cm = document.querySelector('.result-window .CodeMirror');
+                                    const text = cm && cm.CodeMirror.getValue(); return text && text.includes(wanted) && text; }"""
+            initial = json.loads(await (await page.wait_for_function(pane, arg='"status"', timeout=20_000)).json_value())
+            async with shop.client("shipping") as shipping:  # let the held shipments call go
+                (await shipping.delete("/_admin/faults")).raise_for_status()
+            whole = json.loads(await (await page.wait_for_function(pane, arg='"trackingNumber"', timeout=20_000)).json_value())
+        finally:
+            await browser.close()
+
+    assert "shipment" not in initial["data"]["order"] and initial["data"]["order"]["customer"]["name"]
+    assert whole["data"]["order"]["shipment"]["carrier"] and whole["data"]["order"]["customer"]["name"]
+    assert "errors" not in whole
+    assert problems == []
