@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphql import (
+    REMOVE,
+    DirectiveNode,
     DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
@@ -39,8 +41,6 @@ from graphql import (
     NoSchemaIntrospectionCustomRule,
     OperationDefinitionNode,
     SelectionSetNode,
-    REMOVE,
-    DirectiveNode,
     VariableNode,
     Visitor,
     parse,
@@ -171,7 +171,8 @@ class DocumentCache:
                                         hide_suggestions=not limits.introspection)]
         if not document.errors:
             document.directive_variables = _directive_variables(document.node)
-            document.plain = _plain(document.node) if ("@defer" in text or "@stream" in text) else document.node
+            # (`@ defer` is a directive too: the name alone decides whether to look.)
+            document.plain = _plain(document.node) if ("defer" in text or "stream" in text) else document.node
         return document
 
 

@@ -9,13 +9,14 @@ on as soon as it arrives rather than when the next one starts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 from graphql import GraphQLError
-from starlette.types import Send
+from starlette.types import Receive, Send
 
 from .execute import Part
 from .resilience import partial_result
@@ -45,17 +46,33 @@ def encode(payload: dict[str, Any], last: bool) -> bytes:
     return _HEAD + orjson.dumps(payload) + (b"\r\n-----\r\n" if last else b"\r\n---\r\n")
 
 
-async def send_multipart(send: Send, headers: list[tuple[bytes, bytes]], first: dict[str, Any],
+async def send_multipart(send: Send, receive: Receive, headers: list[tuple[bytes, bytes]], first: dict[str, Any],
                          rest: AsyncIterator[dict[str, Any]]) -> None:
-    """The multipart answer over ASGI, each part sent as soon as it is made."""
-    async with contextlib.aclosing(rest):
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"\r\n---\r\n" + encode(first, not first["hasNext"]),
-                    "more_body": first["hasNext"]})
-        if first["hasNext"]:
-            async for payload in rest:
+    """The multipart answer over ASGI, each part sent as soon as it is made. A client that
+    goes away stops the answer: the reads only later parts need are cancelled."""
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        async with contextlib.aclosing(rest):
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            payload, body = first, b"\r\n---\r\n"
+            while True:
                 last = not payload["hasNext"]
-                await send({"type": "http.response.body", "body": encode(payload, last), "more_body": not last})
+                await send({"type": "http.response.body", "body": body + encode(payload, last), "more_body": not last})
+                if last:
+                    return
+                following = asyncio.ensure_future(anext(rest))
+                await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()  # the generator's own `finally` cancels its reads
+                    return
+                payload, body = following.result(), b""
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 Format = Callable[[list[GraphQLError]], list[dict[str, Any]]]

@@ -31,10 +31,10 @@ from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext, exec
 
 from .config import Settings
 from .context import RequestContext
-from .cost import CostAnalyzer
+from .cost import Cost, CostAnalyzer
 from .documents import Document, DocumentCache, Limits
 from .errors import GatewayError
-from .execute import execute_incremental, execute_plan
+from .execute import Part, execute_incremental, execute_plan
 from .incremental import MULTIPART, accepts_multipart, payloads, send_multipart
 from .persisted import HASH, PersistedQueryError, QueryStore, TrustedDocuments, sha256
 from .plan import Plan, Planner
@@ -235,7 +235,7 @@ class GraphQLView:
         return 200, body
 
     def extensions(self, context: RequestContext, errors: list[dict[str, Any]], request: Request, params: _Params,
-                   cost: Any) -> dict[str, Any]:
+                   cost: Cost) -> dict[str, Any]:
         """The answer's `extensions` (of its initial part, when in parts): what the
         execution gathered, complete/failedServices, and the cost when asked for."""
         context.extensions.update(partial_result(e.get("extensions", {}) for e in errors if "path" in e))
@@ -244,10 +244,10 @@ class GraphQLView:
         return context.extensions
 
     def incremental(self, plan: Plan, variables: VariableValues, context: RequestContext, request: Request,
-                    params: _Params, span: OperationSpan, cost: Any) -> AsyncIterator[dict[str, Any]]:
+                    params: _Params, span: OperationSpan, cost: Cost) -> AsyncIterator[dict[str, Any]]:
         """The payloads of an answer in parts (ARCHITECTURE.md, "Incremental delivery"); the
         initial one carries the response's extensions, each later one its own."""
-        def initial(part: Any, errors: list[dict[str, Any]]) -> dict[str, Any]:
+        def initial(part: Part, errors: list[dict[str, Any]]) -> dict[str, Any]:
             if part.stale:
                 context.extensions["stale"] = part.stale
             extensions = self.extensions(context, errors, request, params, cost)
@@ -264,7 +264,8 @@ class GraphQLView:
         response = Response(media_type=MULTIPART)  # headers only: the body follows part by part
         if (consistency := gateway_state(request).consistency) is not None:
             consistency.stamp(request, response)
-        await send_multipart(send, [(k, v) for k, v in response.raw_headers if k != b"content-length"], first, parts)
+        await send_multipart(send, request.receive, [(k, v) for k, v in response.raw_headers if k != b"content-length"],
+                             first, parts)
 
     async def query_text(self, params: _Params) -> tuple[str, bool]:
         """The query to run, and whether it is to be registered (APQ, hash and query sent);

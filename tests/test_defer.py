@@ -4,6 +4,7 @@ need, a failing deferred part carrying its error at its path, @stream's first it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -121,3 +122,25 @@ async def test_the_first_part_carries_the_trace_id_and_the_consistency_token(gat
     response, (first, *_) = await answer(gateway, ORDER_PAGE, {"id": "4850"})
     assert first["extensions"]["traceId"] == response.headers["x-trace-id"]
     assert response.headers.get("x-bookvault-consistency") or "set-cookie" in response.headers
+
+
+async def test_a_client_that_leaves_stops_the_reads_only_later_parts_need(shop: Shop) -> None:
+    """The client closes after the first part while /books is held: once it is let go, the deferred authors are never read."""
+    await shop.faults("catalog", hang=True, paths=["/books"])
+    query = 'query($id: ID!) { order(id: $id) { id ... @defer { items { book { author { name } } } } } }'
+    async with gateway_url(shop) as url, httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", url, json={"query": query, "variables": {"id": "4850"}},
+                                 headers={"accept": ACCEPT}) as response:
+            async for first in parts(response):
+                assert first["data"]["order"]["id"] == "4850" and first["hasNext"] is True
+                break  # and the connection is closed with the body unread
+        async with shop.client("catalog") as catalog:
+            (await catalog.delete("/_admin/faults")).raise_for_status()
+        async with asyncio.timeout(10):
+            while [r for r in await shop.stats("catalog") if r["route"] == "/books" and r["end"] is None]:
+                await asyncio.sleep(0.01)  # the held call, answered now: the stats are what a test can watch
+        # Another request through the gateway, with round trips of its own: the authors'
+        # group would have been read by the time it is answered.
+        later = await client.post(url, json={"query": '{ order(id: "4851") { items { book { title } } } }'})
+        assert later.json()["data"]["order"]["items"]
+    assert [r["route"] for r in await shop.stats("catalog") if r["route"] == "/authors"] == []
