@@ -288,12 +288,14 @@ async def _both(services: _Services, query: str, variables: dict[str, Any], fail
     non_null = {f.key for f in plan.root if f.non_null}
     reference = _normal(result.data, ref_errors, ref_ext, non_null)
     incremental = planner.plan(document, operation, values, incremental=True)  # type: ignore[arg-type]
+    if incremental is not None and incremental.incremental:
+        source = await _source(services.upstream, stale)
+        # Put together, every part lands on an object of the parts before it (none on a null).
+        answer = merged([p async for p in payloads(execute_incremental(incremental, values, source.reader("tester")),
+                                                   format_errors, lambda part, errors: {"stale": part.stale})])
     if incremental is not None and incremental.incremental and _no_propagation(result.data, ref_errors):
         # A null in a non-null position stops at the deferred fragment or streamed items
         # it happened in (the parts before stand), so only answers without one compare.
-        source = await _source(services.upstream, stale)
-        answer = merged([p async for p in payloads(execute_incremental(incremental, values, source.reader("tester")),
-                                                   format_errors, lambda part, errors: {"stale": part.stale})])
         errors = list({json.dumps(e, sort_keys=True): e for e in answer["errors"]}.values())  # a field in two parts: one error
         ext = partial_result(e.get("extensions", {}) for e in errors if "path" in e)
         if answer["stale"]:
