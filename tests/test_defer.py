@@ -144,3 +144,15 @@ async def test_a_client_that_leaves_stops_the_reads_only_later_parts_need(shop: 
         later = await client.post(url, json={"query": '{ order(id: "4851") { items { book { title } } } }'})
         assert later.json()["data"]["order"]["items"]
     assert [r["route"] for r in await shop.stats("catalog") if r["route"] == "/authors"] == []
+
+
+async def test_a_fragment_deferred_inside_another_comes_after_it_at_its_own_path(gateway: httpx.AsyncClient) -> None:
+    """A nested @defer is sent after the fragment it is in, at the object it is spread on, with its label."""
+    query = ('query($id: ID!) { order(id: $id) { id ... @defer(label: "outer") { customer { name '
+             '... @defer(label: "inner") { email } } } } }')
+    _, payloads = await answer(gateway, query, {"id": "4850"})
+    assert [[(e["label"], e["path"]) for e in p.get("incremental", ())] for p in payloads] == [
+        [], [("outer", ["order"])], [("inner", ["order", "customer"])]]
+    assert [p["hasNext"] for p in payloads] == [True, True, False]
+    customer = merged(payloads)["data"]["order"]["customer"]
+    assert customer["name"] and "@" in customer["email"]
