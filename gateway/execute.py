@@ -11,7 +11,8 @@ is held to the same answers by the differential tests.
 Incremental delivery (ARCHITECTURE.md, "Incremental delivery"): `execute_incremental`
 shapes the initial part once the initial groups are read, and each deferred fragment, at each
 object it was spread on, once its own groups are; a @stream list keeps its first items in
-its part and sends the rest in the next. A deferred fragment is sent only where its object
+its part and sends the rest in the next (a root list of ids, split by the planner, when the
+rest is read). A deferred fragment is sent only where its object
 made it into the part before (a null that propagated over it drops it)."""
 
 from __future__ import annotations
@@ -106,8 +107,10 @@ async def execute_incremental(plan: Plan, variables: VariableValues, reader: Rea
                 ready.append(entry.part)
                 follow(entry.found)
             else:
-                waiting.extend((d, entry.obj, entry.path) for d in entry.deferred)
                 for d in entry.deferred:
+                    if d.stream and not run.has_rest(d.fields[0]):
+                        continue  # no ids past `initialCount`: nothing to send
+                    waiting.append((d, entry.obj, entry.path))
                     read(d.index)  # started now: the part is sent as soon as its reads are done
 
     try:
@@ -122,7 +125,8 @@ async def execute_incremental(plan: Plan, variables: VariableValues, reader: Rea
             pending, waiting[:] = list(waiting), []
             for d, obj, path in pending:
                 if read(d.index).done():
-                    part, found = run.part(d.fields, d.deferred, obj, path, d.label)
+                    part, found = (run.rest(d.fields[0], path, d.label) if d.stream
+                                   else run.part(d.fields, d.deferred, obj, path, d.label))
                     batch.append(part)
                     follow(found)
                 else:
@@ -189,7 +193,7 @@ class _Run:
         assert relation is not None
         try:
             if f.parent is None:
-                return relation.keys_from_args(self.args(f))
+                return self.arg_keys(f)
             args = self.args(f) if f.field_def.args else {}  # type: ignore[union-attr]
             parent_keys = self.keys.get(id(f.parent))
             if parent_keys is None:  # the parent's group has not started: its keys are known all the same
@@ -227,6 +231,32 @@ class _Run:
             found.append(_Spread(deferred, obj, path, data))
         base = _list(path)
         return Part(base, label, data, None, self.errors, self.stale), _kept(found, data, len(base))
+
+    def rest(self, f: Field, path: Path, label: str | None) -> tuple[Part, list[_Spread | _Rest]]:
+        """The part of a split root list's further items (`f` reads them)."""
+        self.errors, self.stale, self.found = [], [], []
+        start = f.slice[0]  # type: ignore[index]
+        items: list[Any] | None
+        try:
+            items = self.relation(f, None, (path, f.key))
+        except _Null:
+            items = None
+        except Exception as exc:
+            self.error(exc, f, (path, f.key))
+            items = None
+        part = Part([*_list(path), f.key, start], label, None, items, self.errors, self.stale, stream=True)
+        rest = {start + i: item for i, item in enumerate(items or ())}
+        return part, _kept(self.found, rest, len(part.path) - 1)
+
+    def has_rest(self, f: Field) -> bool:
+        try:
+            return bool(self.arg_keys(f))
+        except GatewayError:  # bad ids: reported with the list's first items
+            return False
+
+    def arg_keys(self, f: Field) -> list[Any]:
+        keys = f.relation.keys_from_args(self.args(f))  # type: ignore[union-attr]
+        return keys if f.slice is None else keys[f.slice[0]:f.slice[1]]
 
     def _object(self, fields: tuple[Field, ...], obj: Any, path: Path) -> dict[str, Any] | None:
         try:
@@ -293,7 +323,9 @@ class _Run:
                 key = int(getattr(obj, relation.via))  # type: ignore[arg-type]
             value = found[key]
         else:
-            keys = relation.keys_from_args(self.args(f))
+            keys = self.arg_keys(f)
+            if f.slice is not None:  # a split root list: its items are numbered from where it starts
+                return self.items(f, [found[k] for k in keys], path, True, f.slice[0])
             if relation.many:
                 return self.list(f, [found[k] for k in keys], path, answers=True)
             value = found[keys[0]]

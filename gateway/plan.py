@@ -13,7 +13,9 @@ Planned for incremental delivery (ARCHITECTURE.md, "Incremental delivery"), a fr
 an active `@defer` is not merged into its selection set: it becomes a `Deferred` at the
 object where it is spread, with its own fields; its relation fields go to groups of their
 own (`Group.deferral`), so the initial part never waits for them. `@stream` marks a list
-field. Planned without it (the client reads no multipart answers), both are ignored, as the
+field; on a root list of ids (`books(ids:)`) it is split in two fields, the first
+`initialCount` ids and the rest, the rest read and sent like a deferred fragment. Planned
+without it (the client reads no multipart answers), both are ignored, as the
 spec allows, and the fragments merge as plain ones."""
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Field:
     deferred: tuple[Deferred, ...] = ()
     deferral: int = 0
     stream: tuple[int, str | None] | None = None
+    slice: tuple[int, int | None] | None = None  # a split root list: the ids it reads
 
     @property
     def name(self) -> str:
@@ -102,6 +105,7 @@ class Deferred:
     label: str | None
     fields: tuple[Field, ...] = ()
     deferred: tuple[Deferred, ...] = ()  # fragments deferred inside it, at the same object
+    stream: bool = False  # the rest of a split root list: `fields` is that one field
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,26 @@ class _Build:
         for selection_set in sets:
             self.collect(parent, selection_set, grouped, set(), later)
         fields = tuple(self.field(parent, key, nodes) for key, nodes in grouped.items())
-        return fields, tuple(self.defer(parent, label, selection_set) for label, selection_set in later)
+        deferred = [self.defer(parent, label, selection_set) for label, selection_set in later]
+        if parent is self.schema.query_type:
+            deferred += [self.split(parent, f) for f in fields if f.stream is not None and f.relation is not None
+                         and f.relation.many and f.relation.arg is not None]
+        return fields, tuple(deferred)
+
+    def split(self, parent: GraphQLObjectType, head: Field) -> Deferred:
+        """@stream on a root list of ids: `head` reads the first `initialCount`, the rest is
+        a field of its own, in a part of its own (its reads, and those below it, too)."""
+        (count, label), head.stream, head.slice = head.stream, None, (0, head.stream[0])  # type: ignore[misc]
+        self.deferrals += 1
+        deferred, outer = Deferred(self.deferrals, label, stream=True), self.deferral
+        self.deferral = deferred.index
+        try:
+            rest = self.field(parent, head.key, list(head.nodes))
+        finally:
+            self.deferral = outer
+        rest.stream, rest.slice = None, (count, None)
+        deferred.fields = (rest,)
+        return deferred
 
     def defer(self, parent: GraphQLObjectType, label: str | None, selection_set: SelectionSetNode) -> Deferred:
         self.deferrals += 1

@@ -74,17 +74,20 @@ async def test_a_failing_deferred_part_carries_its_error_at_its_path_and_the_ini
     assert later["hasNext"] is False
 
 
-async def test_stream_sends_the_first_initial_count_items_then_the_rest(gateway: httpx.AsyncClient) -> None:
-    """books(ids:) @stream(initialCount: 2): two books in the initial part, the other three in the next, at books.2."""
+async def test_stream_sends_the_first_initial_count_items_then_the_rest(shop: Shop) -> None:
+    """books(ids:) @stream(initialCount: 2): two books in the initial part, read on their own; the other three in the next, at books.2."""
     query = 'query($ids: [ID!]!) { books(ids: $ids) @stream(initialCount: 2, label: "more") { id title } }'
     ids = ["1", "2", "3", "4", "5"]
-    _, payloads = await answer(gateway, query, {"ids": ids})
+    async with gateway_for(shop) as gateway:
+        _, payloads = await answer(gateway, query, {"ids": ids})
+        assert sorted(r["ids"] for r in (await shop.calls())["catalog"]) == [2, 3]  # two reads: the first ids, the rest
+        await shop.reset_stats()
+        _, (whole,) = await answer(gateway, query.replace("initialCount: 2", "initialCount: 9"), {"ids": ids})
     first, *rest = payloads
     assert [b["id"] for b in first["data"]["books"]] == ["1", "2"] and first["hasNext"] is True
     assert [p["incremental"] for p in rest] == [[{"items": rest[0]["incremental"][0]["items"], "path": ["books", 2],
                                                   "label": "more"}]]
     assert [b["id"] for b in merged(payloads)["data"]["books"]] == ids
-    _, (whole,) = await answer(gateway, query.replace("initialCount: 2", "initialCount: 9"), {"ids": ids})
     assert [b["id"] for b in whole["data"]["books"]] == ids and whole["hasNext"] is False  # nothing left to stream
 
 
