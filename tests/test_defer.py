@@ -159,3 +159,17 @@ async def test_a_fragment_deferred_inside_another_comes_after_it_at_its_own_path
     assert [p["hasNext"] for p in payloads] == [True, True, False]
     customer = merged(payloads)["data"]["order"]["customer"]
     assert customer["name"] and "@" in customer["email"]
+
+
+async def test_stale_entries_are_named_in_the_extensions_of_the_part_that_served_them(shop: Shop) -> None:
+    """With the catalog failing past the books' TTL, the deferred books are served stale: the deferred payload's extensions say so, the first's do not."""
+    now = [1_800_000_000.0]
+    async with running_gateway(shop, wall_clock=lambda: now[0], cache_overrides={"book": (30.0, 600.0)}) as (client, _):
+        await client.post("/graphql", json={"query": '{ books(ids: ["1", "2"]) { id title } }'})
+        await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/books"])
+        now[0] += 31
+        _, (first, later) = await answer(client, '{ order(id: "4850") { id } ... @defer { books(ids: ["1", "2"]) { id title } } }')
+    assert "stale" not in first.get("extensions", {}) and "errors" not in first
+    assert later["extensions"] == {"stale": [{"path": ["books", i], "service": "catalog", "version": 1, "ageMs": 31_000}
+                                             for i in (0, 1)]}
+    assert [b["id"] for b in later["incremental"][0]["data"]["books"]] == ["1", "2"]
