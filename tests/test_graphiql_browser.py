@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import Request, Route, async_playwright
 
-from shop import Shop, on_a_real_port, running_gateway
+from shop import STAFF, Shop, on_a_real_port, running_gateway
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (never `playwright install`)
 # Headless, and none of chromium's own background traffic (updates, sync, QUIC probes).
@@ -74,7 +74,7 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
                               json.dumps({"id": "4850"}))
             await page.get_by_role("button", name="Headers").click()
             await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
-                              json.dumps({"Authorization": "Bearer demo-user"}))
+                              json.dumps({"Authorization": STAFF["authorization"]}))
             await page.click(".graphiql-execute-button")
             shown = await page.wait_for_function(
                 """() => { const cm = document.querySelector('.result-window .CodeMirror');
@@ -90,7 +90,7 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
     assert "errors" not in result
     posts = [r for r in requests if r.method == "POST"]
     assert [urlsplit(r.url).path for r in posts] == ["/graphql", "/graphql"]  # the schema, then the query
-    assert posts[-1].headers["authorization"] == "Bearer demo-user"
+    assert posts[-1].headers["authorization"] == STAFF["authorization"]
     assert blocked == [] and problems == []
     assert {urlsplit(r.url).hostname for r in requests} == {"127.0.0.1"}
     assert {urlsplit(r.url).path for r in requests if r.method == "GET"} >= {"/graphql", "/graphiql/assets/graphiql-3.8.3/graphiql.min.js"}
