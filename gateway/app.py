@@ -28,7 +28,7 @@ from .consistency import Consistency
 from .cors import cors_middleware
 from .feed import FeedFollower
 from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
-from .health import MEMORY_CACHE, ReadinessProbe, readyz
+from .health import MEMORY_CACHE, ReadinessProbe, readyz, watch_loop
 from .flights import SingleFlight
 from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
 from .persisted import QueryStore, TrustedDocuments
@@ -146,6 +146,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         telemetry = Telemetry(settings.services, tracer_provider or tracer_provider_from_env())
+        watching = asyncio.create_task(watch_loop(telemetry.metrics.loop_lag.observe), name="loop-lag")
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
         _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)
@@ -179,6 +180,7 @@ def create_app(
         try:
             yield
         finally:
+            watching.cancel()
             if limits is not None:
                 limits.cancel()
             if listening is not None:
