@@ -15,23 +15,25 @@ import httpx
 import strawberry
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 from strawberry.asgi import GraphQL
 from strawberry.schema.config import StrawberryConfig
 
+from .auth import Authenticator, authentication
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
 from .consistency import Consistency
 from .cors import cors_middleware
 from .feed import FeedFollower
 from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
-from .health import MEMORY_CACHE, ReadinessProbe, readyz
+from .health import MEMORY_CACHE, ReadinessProbe, readyz, watch_loop
 from .flights import SingleFlight
 from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
 from .persisted import QueryStore, TrustedDocuments
+from .ratelimit import Limiter, RateLimitMiddleware
 from .resilience import BreakerState, Resilience
 from .source import Binding, EntitySource
 from .state import GatewayState, gateway_state
@@ -98,6 +100,14 @@ def _telemetry(scope: Scope) -> Telemetry:
     return scope["app"].state.gateway.telemetry
 
 
+def _authenticator(conn: HTTPConnection) -> Authenticator:
+    return gateway_state(conn).authenticator  # type: ignore[return-value]
+
+
+def _limiter(scope: Scope) -> Limiter | None:
+    return scope["app"].state.gateway.limiter
+
+
 def _observe(resilience: Resilience, telemetry: Telemetry) -> None:
     """Retries go on the batch span and /metrics; breaker changes move their gauge."""
 
@@ -139,6 +149,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         telemetry = Telemetry(settings.services, tracer_provider or tracer_provider_from_env())
+        watching = asyncio.create_task(watch_loop(telemetry.metrics.loop_lag.observe), name="loop-lag")
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
         _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)
@@ -160,12 +171,19 @@ def create_app(
             # Informational: until a feed has its cursor, that service's entries may be dropped.
             readiness += [ReadinessProbe("feeds", name, feeds.following(name)) for name in owned]
         source = EntitySource(upstream, cache, cache_policies, SingleFlight())
+        jwks = httpx.AsyncClient(timeout=settings.jwt.jwks_timeout, transport=(transports or {}).get("jwks")) \
+            if settings.jwt.jwks_url else None
+        authenticator = Authenticator(settings.jwt, jwks, clock=clock)
+        limiter = Limiter(settings.rate_limit, settings.redis_url, namespace=settings.cache_namespace,
+                          timeout=settings.redis_timeout)
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
-                                         readiness=readiness, limits=limits, consistency=consistency)
+                                         readiness=readiness, limits=limits, consistency=consistency,
+                                         authenticator=authenticator, limiter=limiter)
         try:
             yield
         finally:
+            watching.cancel()
             if limits is not None:
                 limits.cancel()
             if listening is not None:
@@ -174,6 +192,8 @@ def create_app(
             if feeds is not None:
                 await feeds.stop()
             await upstream.aclose()
+            await authenticator.aclose()
+            await limiter.aclose()
             if redis is not None:
                 await redis.close()
             await store.close()
@@ -188,14 +208,18 @@ def create_app(
     view = GraphQLView(schema, _Strawberry(schema), settings, store, trusted)
     app = Starlette(
         routes=[
-            Route("/graphql", TelemetryMiddleware(view, _telemetry)),
+            # Who is asking, then whether they may ask again so soon, then the query
+            # (gateway/auth.py, gateway/ratelimit.py): a bad token or a caller over its
+            # budget is answered before the request is read.
+            Route("/graphql", TelemetryMiddleware(authentication(RateLimitMiddleware(view, _limiter), _authenticator),
+                                                  _telemetry)),
             Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/", home),
         ],
-        middleware=cors_middleware(settings.cors_origins, settings.identity_header),
+        middleware=cors_middleware(settings.cors_origins),
         lifespan=lifespan,
     )
     app.state.graphql = view  # its document cache and planner, for tests and benches

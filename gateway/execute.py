@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphql import GraphQLError, located_error
 from graphql.execution.values import VariableValues, get_argument_values
@@ -30,6 +30,9 @@ from .errors import GatewayError
 from .plan import LEAF, OBJECT, TYPENAME, Deferred, Field, Group, Plan
 from .relations import read_pages
 from .source import Reader, Stale
+
+if TYPE_CHECKING:
+    from .auth import Caller
 
 __all__ = ["Part", "execute_incremental", "execute_plan"]
 
@@ -45,7 +48,7 @@ async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader
     """`data`, the field errors and the stale entries served, for one operation (a plan
     without incremental delivery)."""
     assert not plan.incremental
-    run = _Run(variables)
+    run = _Run(variables, reader.caller)
     await run.fetch(plan, reader)
     data = run.shape_root(plan.root)
     return data, run.errors, run.stale
@@ -89,7 +92,7 @@ async def execute_incremental(plan: Plan, variables: VariableValues, reader: Rea
                               ) -> AsyncIterator[tuple[list[Part], bool]]:
     """The parts of the answer as they are ready, each batch with `hasNext`; the first
     batch is the initial part alone. Closing the iterator early cancels the reads left."""
-    run = _Run(variables)
+    run = _Run(variables, reader.caller)
     tasks = run.start(plan, reader)
     done: dict[int, asyncio.Future[Any]] = {}
 
@@ -138,8 +141,9 @@ async def execute_incremental(plan: Plan, variables: VariableValues, reader: Rea
 
 
 class _Run:
-    def __init__(self, variables: VariableValues) -> None:
+    def __init__(self, variables: VariableValues, caller: Caller | None = None) -> None:
         self.variables = variables
+        self.caller = caller  # whose `me` it is
         self.fetched: Fetched = {}
         self.errors: list[GraphQLError] = []
         self.stale: list[dict[str, Any]] = []
@@ -255,7 +259,7 @@ class _Run:
             return False
 
     def arg_keys(self, f: Field) -> list[Any]:
-        keys = f.relation.keys_from_args(self.args(f))  # type: ignore[union-attr]
+        keys = f.relation.keys_from_args(self.args(f), self.caller)  # type: ignore[union-attr]
         return keys if f.slice is None else keys[f.slice[0]:f.slice[1]]
 
     def _object(self, fields: tuple[Field, ...], obj: Any, path: Path) -> dict[str, Any] | None:
@@ -316,7 +320,7 @@ class _Run:
         relation = f.relation
         assert relation is not None
         found = self.fetched.get(id(relation.binding), {})
-        if relation.arg is None:
+        if relation.arg is None and not relation.mine:
             if relation.paged:
                 key = relation.key_from_parent(obj, self.args(f))
             else:
@@ -328,7 +332,7 @@ class _Run:
                 return self.items(f, [found[k] for k in keys], path, True, f.slice[0])
             if relation.many:
                 return self.list(f, [found[k] for k in keys], path, answers=True)
-            value = found[keys[0]]
+            value = found[keys[0]] if keys else None
         if type(value) is Stale:
             value = self.unwrap(value, path)
         elif isinstance(value, Exception):

@@ -18,8 +18,9 @@ import httpx
 import redis.asyncio as aioredis
 
 from gateway.cache import FORMAT
+from gateway.config import ResilienceConfig
 from gateway.consistency import TOKEN_COOKIE, TOKEN_HEADER
-from shop import Shop, SlowFeed, own_redis, running_gateway
+from shop import Shop, SlowFeed, as_customer, own_redis, running_gateway
 
 BOOK = 'query($id: ID!) { book(id: $id) { id version price { amount } } }'
 
@@ -49,9 +50,12 @@ async def test_readers_echoing_the_token_never_see_a_version_go_back(shop: Shop)
     written: dict[tuple[int, int], float] = {}  # (book, version) -> when the write returned
     stop = asyncio.Event()
     with own_redis() as (url, _):
-        async with running_gateway(shop, redis_url=url) as (a, _), \
+        # A generous deadline: everything here shares one event loop, and this test is about
+        # versions, not about answering in time on a loaded machine.
+        slack = ResilienceConfig(deadline=10.0)
+        async with running_gateway(shop, redis_url=url, resilience=slack) as (a, _), \
                 running_gateway(shop, {"catalog": SlowFeed(shop.transports["catalog"], 0.2)}, redis_url=url,
-                                floor_channel=False) as (b, app_b):
+                                floor_channel=False, resilience=slack) as (b, app_b):
             instances = [a, b]
 
             async def writer(seed: int) -> None:
@@ -222,7 +226,7 @@ async def test_a_refund_is_served_through_a_warm_cache_within_one_feed_round_tri
     """A payment cached under its order's id is refetched once its refund event arrives, long before its 15 s TTL."""
     payment = await captured_payment(shop)
     query = '{ order(id: %d) { payment { status } } }' % payment["orderId"]
-    alice = {"authorization": "Bearer alice"}
+    alice = as_customer(None, staff=True, subject="alice")
     async with running_gateway(shop) as (client, app):
         for _ in range(2):
             body = (await client.post("/graphql", json={"query": query}, headers=alice)).json()

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from incremental import merged, parts
-from shop import Shop, gateway_for, on_a_real_port, running_gateway
+from shop import STAFF, Shop, gateway_for, on_a_real_port, running_gateway
 
 ACCEPT = "multipart/mixed;deferSpec=20220824, application/json"  # what Apollo Client 3 sends
 ORDER_PAGE = """query($id: ID!) { order(id: $id) { id status customer { name }
@@ -29,7 +29,7 @@ async def gateway_url(shop: Shop) -> AsyncIterator[str]:
 async def test_the_first_part_arrives_while_the_slowed_shipping_call_is_still_in_flight(shop: Shop) -> None:
     """With shipping slowed by 500 ms, the initial part is received while the shipments call is in flight; the deferred part brings it."""
     await shop.faults("shipping", latencyMs=500)
-    async with gateway_url(shop) as url, httpx.AsyncClient(timeout=30) as client:
+    async with gateway_url(shop) as url, httpx.AsyncClient(timeout=30, headers=STAFF) as client:
         async with client.stream("POST", url, json={"query": ORDER_PAGE, "variables": {"id": "4850"}},
                                  headers={"accept": ACCEPT}) as response:
             received = []
@@ -131,7 +131,7 @@ async def test_a_client_that_leaves_stops_the_reads_only_later_parts_need(shop: 
     """The client closes after the first part while /books is held: once it is let go, the deferred authors are never read."""
     await shop.faults("catalog", hang=True, paths=["/books"])
     query = 'query($id: ID!) { order(id: $id) { id ... @defer { items { book { author { name } } } } } }'
-    async with gateway_url(shop) as url, httpx.AsyncClient(timeout=30) as client:
+    async with gateway_url(shop) as url, httpx.AsyncClient(timeout=30, headers=STAFF) as client:
         async with client.stream("POST", url, json={"query": query, "variables": {"id": "4850"}},
                                  headers={"accept": ACCEPT}) as response:
             async for first in parts(response):

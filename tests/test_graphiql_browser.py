@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import BrowserContext, Page, Request, Route, async_playwright
 
-from shop import Shop, on_a_real_port, running_gateway
+from shop import STAFF, Shop, on_a_real_port, running_gateway
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (never `playwright install`)
 # Headless, and none of chromium's own background traffic (updates, sync, QUIC probes).
@@ -56,11 +56,14 @@ async def chromium(problems: list[str]) -> AsyncIterator[tuple[BrowserContext, P
 
 
 async def _open(page: Page, url: str, query: str, variables: dict[str, str]) -> None:
-    """GraphiQL at `url` with `query` and `variables` in its editors."""
+    """GraphiQL at `url` with `query` and `variables` in its editors, and a staff token in its headers."""
     await page.goto(f"{url}/graphql")
     await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
     await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', query)
     await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror', json.dumps(variables))
+    await page.get_by_role("button", name="Headers").click()
+    await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
+                      json.dumps({"Authorization": STAFF["authorization"]}))
 
 
 async def _shown(page: Page, wanted: str) -> dict[str, Any]:
@@ -94,9 +97,6 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
         await context.route("**/*", only_local)
         context.on("request", lambda request: requests.append(request))
         await _open(page, url, ORDER_PAGE, {"id": "4850"})
-        await page.get_by_role("button", name="Headers").click()
-        await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
-                          json.dumps({"Authorization": "Bearer demo-user"}))
         await page.click(".graphiql-execute-button")
         result = await _shown(page, '"data"')
         await page.screenshot(path=str(SCREENSHOT))
@@ -106,7 +106,7 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
     assert "errors" not in result
     posts = [r for r in requests if r.method == "POST"]
     assert [urlsplit(r.url).path for r in posts] == ["/graphql", "/graphql"]  # the schema, then the query
-    assert posts[-1].headers["authorization"] == "Bearer demo-user"
+    assert posts[-1].headers["authorization"] == STAFF["authorization"]
     assert blocked == [] and problems == []
     assert {urlsplit(r.url).hostname for r in requests} == {"127.0.0.1"}
     assert {urlsplit(r.url).path for r in requests if r.method == "GET"} >= {"/graphql", "/graphiql/assets/graphiql-3.8.3/graphiql.min.js"}

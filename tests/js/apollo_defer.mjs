@@ -6,6 +6,8 @@ import { ApolloClient, HttpLink, InMemoryCache, gql } from "@apollo/client";
 import { Defer20220824Handler } from "@apollo/client/incremental";
 
 const [url, id] = process.argv.slice(2);
+// The caller's token, as an app would set it on its HttpLink (README, "Callers").
+const headers = process.env.BOOKVAULT_TOKEN ? { authorization: `Bearer ${process.env.BOOKVAULT_TOKEN}` } : {};
 const wire = [];
 
 async function loggingFetch(input, init = {}) {
@@ -15,7 +17,7 @@ async function loggingFetch(input, init = {}) {
 }
 
 const client = new ApolloClient({
-  link: new HttpLink({ uri: url, fetch: loggingFetch }),
+  link: new HttpLink({ uri: url, fetch: loggingFetch, headers }),
   cache: new InMemoryCache(),
   incrementalHandler: new Defer20220824Handler(),
 });
