@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from incremental import merged, parts
-from shop import STAFF, Shop, gateway_for, on_a_real_port, running_gateway
+from shop import STAFF, Shop, as_customer, gateway_for, on_a_real_port, running_gateway
 
 ACCEPT = "multipart/mixed;deferSpec=20220824, application/json"  # what Apollo Client 3 sends
 ORDER_PAGE = """query($id: ID!) { order(id: $id) { id status customer { name }
@@ -173,3 +173,16 @@ async def test_stale_entries_are_named_in_the_extensions_of_the_part_that_served
     assert later["extensions"] == {"stale": [{"path": ["books", i], "service": "catalog", "version": 1, "ageMs": 31_000}
                                              for i in (0, 1)]}
     assert [b["id"] for b in later["incremental"][0]["data"]["books"]] == ["1", "2"]
+
+
+async def test_a_deferred_fragment_reveals_nothing_of_an_order_the_caller_may_not_see(shop: Shop) -> None:
+    """Customer 8 deferring the shipment and items of customer 7's order: FORBIDDEN at `order`, no later part, only the orders service read."""
+    async with shop.client("orders") as orders:
+        o7 = (await orders.get("/orders", params={"customerId": 7, "limit": 1})).json()["data"][0]["id"]
+    async with running_gateway(shop, headers=as_customer(8)) as (client, _):
+        await shop.reset_stats()
+        _, payloads = await answer(client, ORDER_PAGE, {"id": str(o7)})
+    (only,) = payloads
+    assert only["data"] == {"order": None} and only["hasNext"] is False
+    assert [(e["path"], e["extensions"]["code"]) for e in only["errors"]] == [(["order"], "FORBIDDEN")]
+    assert [name for name, calls in (await shop.calls()).items() if calls] == ["orders"]

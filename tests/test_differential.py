@@ -292,7 +292,7 @@ async def _both(services: _Services, query: str, variables: dict[str, Any], fail
     if incremental is not None and incremental.incremental:
         source = await _source(services.upstream, stale)
         # Put together, every part lands on an object of the parts before it (none on a null).
-        answer = merged([p async for p in payloads(execute_incremental(incremental, values, source.reader("tester")),
+        answer = merged([p async for p in payloads(execute_incremental(incremental, values, source.reader(Caller("tester", staff=True))),
                                                    format_errors, lambda part, errors: {"stale": part.stale})])
     if incremental is not None and incremental.incremental and _no_propagation(result.data, ref_errors):
         # A null in a non-null position stops at the deferred fragment or streamed items
