@@ -99,6 +99,7 @@ async def execute_incremental(plan: Plan, variables: VariableValues, reader: Rea
     def read(deferral: int) -> asyncio.Future[Any]:  # the groups of one part, read
         if deferral not in done:
             done[deferral] = asyncio.gather(*(t for g, t in zip(plan.groups, tasks) if g.deferral == deferral))
+            done[deferral].add_done_callback(_retrieved)  # cancelled when the client leaves: not an error
         return done[deferral]
 
     waiting: list[tuple[Deferred, Any, Path]] = []
@@ -138,6 +139,11 @@ async def execute_incremental(plan: Plan, variables: VariableValues, reader: Rea
     finally:
         for future in (*tasks, *done.values()):
             future.cancel()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Run:

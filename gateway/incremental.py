@@ -64,6 +64,7 @@ async def send_multipart(send: Send, receive: Receive, headers: list[tuple[bytes
                 await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
                     following.cancel()  # the generator's own `finally` cancels its reads
+                    await asyncio.wait({following})  # and it is closed before `aclosing` closes it
                     return
                 payload, body = following.result(), b""
     finally:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import pytest
 
 from incremental import merged, parts
 from shop import STAFF, Shop, as_customer, gateway_for, on_a_real_port, running_gateway
@@ -17,6 +19,15 @@ from shop import STAFF, Shop, as_customer, gateway_for, on_a_real_port, running_
 ACCEPT = "multipart/mixed;deferSpec=20220824, application/json"  # what Apollo Client 3 sends
 ORDER_PAGE = """query($id: ID!) { order(id: $id) { id status customer { name }
   ... @defer(label: "later") { shipment { carrier trackingNumber } items { book { stock { available } } } } } }"""
+
+
+@pytest.fixture(autouse=True)
+def _nothing_fails_on_the_side(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """No error is logged meanwhile: not by the gateway nor asyncio (a future left behind),
+    nor by uvicorn (an exception in the app; its own handler writes to stderr)."""
+    yield
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert "Exception in ASGI application" not in capfd.readouterr().err
 
 
 @contextlib.asynccontextmanager
