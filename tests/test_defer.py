@@ -37,6 +37,17 @@ async def gateway_url(shop: Shop) -> AsyncIterator[str]:
         yield f"{url}/graphql"
 
 
+async def answer(client: httpx.AsyncClient, query: str, variables: dict[str, Any] | None = None,
+                 accept: str = ACCEPT) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """The response and its parts (one, the JSON body, when it is not multipart)."""
+    async with client.stream("POST", "/graphql", json={"query": query, "variables": variables or {}},
+                             headers={"accept": accept}) as response:
+        if not response.headers["content-type"].startswith("multipart/mixed"):
+            await response.aread()
+            return response, [response.json()]
+        return response, [p async for p in parts(response)]
+
+
 async def test_the_first_part_arrives_while_the_slowed_shipping_call_is_still_in_flight(shop: Shop) -> None:
     """With shipping slowed by 500 ms, the initial part is received while the shipments call is in flight; the deferred part brings it."""
     await shop.faults("shipping", latencyMs=500)
@@ -56,18 +67,7 @@ async def test_the_first_part_arrives_while_the_slowed_shipping_call_is_still_in
     (entry,) = rest[0]["incremental"]
     assert entry["path"] == ["order"] and entry["label"] == "later"
     assert entry["data"]["shipment"]["carrier"]
-    assert all("available" in item["book"]["stock"] for item in entry["data"]["items"])
-
-
-async def answer(client: httpx.AsyncClient, query: str, variables: dict[str, Any] | None = None,
-                 accept: str = ACCEPT) -> tuple[httpx.Response, list[dict[str, Any]]]:
-    """The response and its parts (one, the JSON body, when it is not multipart)."""
-    async with client.stream("POST", "/graphql", json={"query": query, "variables": variables or {}},
-                             headers={"accept": accept}) as response:
-        if not response.headers["content-type"].startswith("multipart/mixed"):
-            await response.aread()
-            return response, [response.json()]
-        return response, [p async for p in parts(response)]
+    assert entry["data"]["items"] and all("stock" in item["book"] for item in entry["data"]["items"])
 
 
 async def test_a_failing_deferred_part_carries_its_error_at_its_path_and_the_initial_part_stands(shop: Shop) -> None:
