@@ -1,7 +1,7 @@
 """The hostile catalogue against a running gateway (uvicorn, real ports, the six services
 behind it), while another client measures /healthz: each hostile request's status, code,
 time and the upstream calls it caused, then /healthz latency (p50/p99/max) at rest and
-under the hostile load.
+under the hostile load (measured from a process of its own), and the gateway's event-loop lag.
 
     .venv/bin/python bench/hostile_bench.py [--seconds 10] [--clients 4]
 """
@@ -67,19 +67,29 @@ async def catalogue_table(client: httpx.AsyncClient, url: str, stack: Stack) -> 
     return rows
 
 
-async def health(url: str, until: asyncio.Event, interval: float = 0.01) -> list[float]:
+def probe(url: str, seconds: float, interval: float = 0.01) -> list[float]:
+    """/healthz latencies (ms), GET after GET for `seconds`, from a process of its own: on the
+    hostile clients' event loop, their own work would be counted as the gateway's."""
     latencies = []
-    async with httpx.AsyncClient(timeout=10) as client:
-        while not until.is_set():
+    with httpx.Client(timeout=10) as client:
+        stop_at = time.monotonic() + seconds
+        while time.monotonic() < stop_at:
             started = time.perf_counter()
-            (await client.get(url)).raise_for_status()
+            client.get(url).raise_for_status()
             latencies.append((time.perf_counter() - started) * 1000)
-            await asyncio.sleep(interval)
+            time.sleep(interval)
     return latencies
 
 
-async def hostile_load(url: str, seconds: float, clients: int) -> int:
-    requests = [r for r, _, _ in {**CATALOGUE, **EXTRA}.values()]
+async def health(url: str, seconds: float) -> list[float]:
+    process = await asyncio.create_subprocess_exec(sys.executable, __file__, "--probe", url, "--seconds", str(seconds),
+                                                   stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    return json.loads(out)
+
+
+async def hostile_load(url: str, seconds: float, clients: int, only: list[str] | None = None) -> int:
+    requests = [r for name, (r, _, _) in {**CATALOGUE, **EXTRA}.items() if not only or name in only]
     deadline = time.monotonic() + seconds
     sent = 0
 
@@ -104,7 +114,7 @@ async def loop_lag(client: httpx.AsyncClient, gateway: str) -> dict[str, float]:
     return {match.group(1): float(match.group(2)) for match in re.finditer(pattern, text)}
 
 
-async def main(seconds: float, clients: int) -> None:
+async def main(seconds: float, clients: int, only: list[str] | None = None) -> None:
     with Stack() as stack:
         url, health_url = f"{stack.gateway_url}/graphql", f"{stack.gateway_url}/healthz"
         async with httpx.AsyncClient(timeout=30) as client:
@@ -113,19 +123,12 @@ async def main(seconds: float, clients: int) -> None:
         for row in rows:
             print(f"{row['request']:34} {row['status']:>6} {row['code']:26} {row['upstreamCalls']:>5} {row['ms']:>8}")
 
-        stop = asyncio.Event()
-        idle = asyncio.create_task(health(health_url, stop))
-        await asyncio.sleep(min(5.0, seconds / 2))
-        stop.set()
-        at_rest = await idle
-
-        stop = asyncio.Event()
+        at_rest = await health(health_url, min(5.0, seconds / 2))
         async with httpx.AsyncClient(timeout=10) as client:
             before = await loop_lag(client, stack.gateway_url)
-        probe = asyncio.create_task(health(health_url, stop))
-        sent = await hostile_load(url, seconds, clients)
-        stop.set()
-        loaded = await probe
+        probing = asyncio.create_task(health(health_url, seconds))
+        sent = await hostile_load(url, seconds, clients, only)
+        loaded = await probing
         async with httpx.AsyncClient(timeout=10) as client:
             after = await loop_lag(client, stack.gateway_url)
         lag = {bucket: int(after[bucket] - before.get(bucket, 0)) for bucket in after}
@@ -143,5 +146,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--only", action="append", help="a catalogue entry to send (repeatable; default: all)")
+    parser.add_argument("--probe", metavar="URL", help=argparse.SUPPRESS)  # the /healthz prober's own process
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.clients))
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.seconds)))
+    else:
+        asyncio.run(main(args.seconds, args.clients, args.only))

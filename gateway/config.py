@@ -161,6 +161,7 @@ class Settings:
     max_cost: int = 2000  # upstream calls + entities an operation may fetch (gateway/cost.py)
     cost_list_size: int = 5  # items assumed in an embedded list that declares no estimate
     introspection: bool = True  # off: __schema/__type refused, no "Did you mean" suggestions
+    document_workers: int = 1  # processes that parse and validate new documents (0: a thread)
     apq_max_entries: int = 10_000  # persisted queries kept in memory (least recently used out)
     apq_ttl: float = 86_400.0  # seconds a persisted query lives in Redis
     trusted_documents: str | None = None  # manifest path: only its operations run
@@ -218,6 +219,7 @@ class Settings:
             max_cost=_int(env, "BOOKVAULT_MAX_COST", cls.max_cost),
             cost_list_size=_int(env, "BOOKVAULT_COST_LIST_SIZE", cls.cost_list_size),
             introspection=_bool(env, "BOOKVAULT_INTROSPECTION", cls.introspection),
+            document_workers=int(_float(env, "BOOKVAULT_DOCUMENT_WORKERS", cls.document_workers, zero_ok=True)),
             apq_max_entries=_int(env, "BOOKVAULT_APQ_MAX_ENTRIES", cls.apq_max_entries),
             apq_ttl=_float(env, "BOOKVAULT_APQ_TTL_S", cls.apq_ttl),
             trusted_documents=env.get("BOOKVAULT_TRUSTED_DOCUMENTS") or None,

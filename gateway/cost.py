@@ -80,6 +80,18 @@ class CostAnalyzer:
         self.computed = 0
         self._costs: OrderedDict[tuple[Any, ...], Cost | GraphQLError] = OrderedDict()
 
+    def oversized(self, operation: OperationDefinitionNode, raw: Mapping[str, Any]) -> GraphQLError | None:
+        """A list variable longer than `max_ids`, refused before its items are coerced:
+        coercing 10,000 ids costs ~50 ms of CPU that the limit would then refuse anyway."""
+        for definition in operation.variable_definitions or ():
+            value = raw.get(definition.variable.name.value)
+            if isinstance(value, list) and len(value) > self.max_ids:
+                name = definition.variable.name.value
+                return GraphQLError(f"${name} holds {len(value)} items: at most {self.max_ids} per list",
+                                    [definition], extensions={"code": "IDS_LIMIT_EXCEEDED", "ids": len(value),
+                                                              "limit": self.max_ids})
+        return None
+
     def cost(self, document: Document, operation: OperationDefinitionNode,
              variables: VariableValues) -> Cost | GraphQLError:
         key = (document.hash, operation.name.value if operation.name else None, _shape(variables.coerced))

@@ -11,9 +11,13 @@ validation walks it.
 Validation is not linear: graphql-core's OverlappingFieldsCanBeMerged compares every pair
 of fields with one response name, so a few hundred repeated fields cost a second of CPU.
 The length and selection limits bound that work, and a document not yet cached is parsed
-and validated in a worker thread (`load`), so however long it takes, the event loop keeps
-serving other requests (the GIL is handed back every few milliseconds). Concurrent
-requests with one new text share one load.
+and validated in a worker process (`load`): in a thread it would still share the GIL with
+the event loop, and under a stream of hostile documents the loop then waited 100-300 ms at a
+time (bench/hostile_bench.py, `loopLagUnderHostileLoad`). The worker gets the schema as SDL
+and sends back the parsed document (graphql-core's AST pickles) and its errors as plain
+data. Workers are forked from a fork server that has this module imported, so a new one
+costs milliseconds; if the pool breaks, loads fall back to a thread. Concurrent requests
+with one new text share one load.
 
 Every error carries a code a client can act on: GRAPHQL_PARSE_FAILED,
 GRAPHQL_VALIDATION_FAILED, INTROSPECTION_DISABLED, or the limit it broke."""
@@ -22,8 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import multiprocessing
+import signal
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,15 +49,20 @@ from graphql import (
     NoSchemaIntrospectionCustomRule,
     OperationDefinitionNode,
     SelectionSetNode,
+    Source,
     VariableNode,
     Visitor,
+    build_schema,
     parse,
+    print_schema,
     specified_rules,
     validate,
     visit,
 )
 
 __all__ = ["Document", "DocumentCache", "Limits"]
+
+log = logging.getLogger("bookvault.documents")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class Document:
     operations: dict[str | None, OperationDefinitionNode] = field(default_factory=dict)
     # Variables that @skip/@include/@defer/@stream read: the only ones that change the plan.
     directive_variables: tuple[str, ...] = ()
+    validated: bool = False  # within the limits, so graphql-core's validation ran
     # The document without @defer and @stream, for the reference execution, which ignores
     # them (ARCHITECTURE.md, "Incremental delivery"); `node` itself when it has none.
     plain: DocumentNode | None = None
@@ -90,19 +104,20 @@ class Document:
 
 
 class DocumentCache:
-    """Bounded (least recently used out first); `validations` counts documents validated."""
+    """Bounded (least recently used out first); `validations` counts documents validated;
+    `workers` processes load new texts (0: a thread, as in tests that need no isolation)."""
 
-    def __init__(self, schema: GraphQLSchema, limits: Limits | None = None, size: int = 512) -> None:
+    def __init__(self, schema: GraphQLSchema, limits: Limits | None = None, size: int = 512,
+                 workers: int = 0) -> None:
         self.schema = schema
         self.limits = limits or Limits()
         self.size = size
+        self.workers = workers
         self.validations = 0
         self._documents: OrderedDict[str, Document] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Document]] = {}
-        self._rules = list(specified_rules)
-        if not self.limits.introspection:
-            self._rules.append(NoSchemaIntrospectionCustomRule)
-        self._executor: ThreadPoolExecutor | None = None
+        self._rules = _rules(self.limits)
+        self._executor: Executor | None = None
 
     def get(self, text: str) -> Document:
         """The document of `text`, loaded on the calling thread if it is not cached."""
@@ -118,19 +133,42 @@ class DocumentCache:
         return document
 
     async def load(self, text: str) -> Document:
-        """The document of `text`; a new text is loaded in a worker thread, once however many
+        """The document of `text`; a new text is loaded in a worker process, once however many
         requests ask for it meanwhile (cancelling one request leaves the load to the others)."""
         document = self.cached(text)
         if document is not None:
             return document
         flight = self._loading.get(text)
         if flight is None:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(2, thread_name_prefix="bookvault-documents")
-            flight = asyncio.get_running_loop().run_in_executor(self._executor, self._load, text)
+            flight = asyncio.ensure_future(self._away(text))
             self._loading[text] = flight
             flight.add_done_callback(lambda f: self._landed(text, f))
         return await asyncio.shield(flight)
+
+    async def _away(self, text: str) -> Document:
+        """`text` loaded off the event loop: in a worker process, or a thread."""
+        loop = asyncio.get_running_loop()
+        if self.workers and not isinstance(self._executor, ThreadPoolExecutor):
+            if self._executor is None:
+                # forkserver: a worker is forked from a clean process with this module loaded,
+                # never from this one (its threads and event loop do not survive a fork).
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                                     initargs=(print_schema(self.schema), self.limits))
+            try:
+                wire = await loop.run_in_executor(self._executor, _load_in_worker, text)
+                if wire[3]:
+                    self.validations += 1
+                return _from_wire(text, wire)
+            except (BrokenProcessPool, OSError) as exc:
+                log.warning("document workers failed (%s): new documents are loaded in a thread", type(exc).__name__)
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+                self.workers = 0
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="bookvault-documents")
+        return await loop.run_in_executor(self._executor, self._load, text)
 
     def _landed(self, text: str, flight: asyncio.Future[Document]) -> None:
         self._loading.pop(text, None)
@@ -149,31 +187,86 @@ class DocumentCache:
             self._executor = None
 
     def _load(self, text: str) -> Document:
-        document = Document(text, hashlib.sha256(text.encode()).hexdigest())
-        limits = self.limits
-        if len(text) > limits.max_length:
-            # Checked before parsing: the lexer's time grows with the text, tokens or not.
-            document.errors = [GraphQLError(f"The document has {len(text)} characters: the limit is "
-                                            f"{limits.max_length}", extensions={"code": "LENGTH_LIMIT_EXCEEDED"})]
-            return document
-        try:
-            document.node = parse(text, max_tokens=limits.max_tokens)
-        except GraphQLSyntaxError as error:
-            document.errors = [_parse_error(error, limits.max_tokens)]
-            return document
-        document.operations = {d.name.value if d.name else None: d for d in document.node.definitions
-                               if isinstance(d, OperationDefinitionNode)}
-        document.errors = _check(document.node, limits)
-        if not document.errors:
+        document = _load(text, self.schema, self.limits, self._rules)
+        if document.validated:
             self.validations += 1
-            document.errors = [_coded(e, "GRAPHQL_VALIDATION_FAILED") for e in
-                               validate(self.schema, document.node, self._rules, max_errors=50,
-                                        hide_suggestions=not limits.introspection)]
-        if not document.errors:
-            document.directive_variables = _directive_variables(document.node)
-            # (`@ defer` is a directive too: the name alone decides whether to look.)
-            document.plain = _plain(document.node) if ("defer" in text or "stream" in text) else document.node
         return document
+
+
+def _rules(limits: Limits) -> list[Any]:
+    return [*specified_rules, *([] if limits.introspection else [NoSchemaIntrospectionCustomRule])]
+
+
+def _load(text: str, schema: GraphQLSchema, limits: Limits, rules: list[Any]) -> Document:
+    document = Document(text, hashlib.sha256(text.encode()).hexdigest())
+    if len(text) > limits.max_length:
+        # Checked before parsing: the lexer's time grows with the text, tokens or not.
+        document.errors = [GraphQLError(f"The document has {len(text)} characters: the limit is "
+                                        f"{limits.max_length}", extensions={"code": "LENGTH_LIMIT_EXCEEDED"})]
+        return document
+    try:
+        document.node = parse(text, max_tokens=limits.max_tokens)
+    except GraphQLSyntaxError as error:
+        document.errors = [_parse_error(error, limits.max_tokens)]
+        return document
+    document.operations = {d.name.value if d.name else None: d for d in document.node.definitions
+                           if isinstance(d, OperationDefinitionNode)}
+    document.errors = _check(document.node, limits)
+    if not document.errors:
+        document.validated = True
+        document.errors = [_coded(e, "GRAPHQL_VALIDATION_FAILED") for e in
+                           validate(schema, document.node, rules, max_errors=50,
+                                    hide_suggestions=not limits.introspection)]
+    if not document.errors:
+        document.directive_variables = _directive_variables(document.node)
+        document.plain = _plain(text, document.node)
+    return document
+
+
+# -- the worker process ------------------------------------------------------------------
+
+_WORKER: tuple[GraphQLSchema, Limits, list[Any]] | None = None  # this worker process's schema and limits
+Wire = tuple[DocumentNode | None, list[tuple[str, list[int] | None, dict[str, Any] | None]], tuple[str, ...], bool]
+
+
+def _start_worker(sdl: str, limits: Limits) -> None:
+    global _WORKER
+    # Ctrl-C reaches the whole process group: the gateway stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER = (build_schema(sdl), limits, _rules(limits))
+
+
+def _load_in_worker(text: str) -> Wire:
+    """`_load` in a worker, as plain data: errors do not pickle with their locations."""
+    assert _WORKER is not None
+    document = _load(text, *_WORKER)
+    errors = [(e.message, e.positions, e.extensions) for e in document.errors]
+    node = _outline(document.node) if document.errors and document.node is not None else document.node
+    return node, errors, document.directive_variables, document.validated
+
+
+def _outline(node: DocumentNode) -> DocumentNode:
+    """A refused document's operations without their selections: what the view still reads
+    (names and kinds) is kept, and a large hostile AST is not unpickled on the event loop."""
+    return DocumentNode(definitions=tuple(
+        OperationDefinitionNode(operation=d.operation, name=d.name, variable_definitions=(), directives=(),
+                                selection_set=SelectionSetNode(selections=()))
+        for d in node.definitions if isinstance(d, OperationDefinitionNode)))
+
+
+def _from_wire(text: str, wire: Wire) -> Document:
+    node, errors, directive_variables, validated = wire
+    document = Document(text, hashlib.sha256(text.encode()).hexdigest(), node, validated=validated,
+                        directive_variables=directive_variables)
+    source = Source(text)
+    document.errors = [GraphQLError(message, source=source, positions=positions, extensions=extensions)
+                       for message, positions, extensions in errors]
+    if node is not None:
+        document.operations = {d.name.value if d.name else None: d for d in node.definitions
+                               if isinstance(d, OperationDefinitionNode)}
+        if not errors:
+            document.plain = _plain(text, node)
+    return document
 
 
 def _parse_error(error: GraphQLSyntaxError, max_tokens: int) -> GraphQLError:
@@ -286,5 +379,6 @@ class _Incremental(Visitor):
         return REMOVE if node.name.value in ("defer", "stream") else None
 
 
-def _plain(node: DocumentNode) -> DocumentNode:
-    return visit(node, _Incremental())  # type: ignore[no-any-return]
+def _plain(text: str, node: DocumentNode) -> DocumentNode:
+    # (`@ defer` is a directive too: the name alone decides whether to look.)
+    return visit(node, _Incremental()) if "defer" in text or "stream" in text else node  # type: ignore[no-any-return]

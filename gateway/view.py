@@ -135,7 +135,7 @@ class GraphQLView:
         self.documents = DocumentCache(schema._schema, Limits(
             max_length=settings.max_query_length, max_tokens=settings.max_tokens, max_depth=settings.max_depth,
             max_aliases=settings.max_aliases, max_selections=settings.max_selections,
-            introspection=settings.introspection))
+            introspection=settings.introspection), workers=settings.document_workers)
         self.planner = Planner(schema._schema)
         self.costs = CostAnalyzer(schema._schema, limit=settings.max_cost, max_ids=settings.max_ids,
                                   list_size=settings.cost_list_size,
@@ -198,6 +198,8 @@ class GraphQLView:
             return self.request_error(document.errors, media)
         if register:
             await self.store.put(document.hash, text)
+        if (oversized := self.costs.oversized(operation, params.variables)) is not None:
+            return self.request_error([oversized], media)
         variables = await self.coerce(operation, params, deadline)
         if not isinstance(variables, VariableValues):
             for error in variables:
