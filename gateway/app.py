@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 from strawberry.asgi import GraphQL
+from strawberry.schema.config import StrawberryConfig
 
 from .auth import Authenticator, authentication
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
@@ -61,7 +62,9 @@ class _Schema(strawberry.Schema):
 
 
 def executable_schema(query: type, mutation: type | None = None) -> strawberry.Schema:
-    return _Schema(query=query, mutation=mutation)
+    # @defer and @stream are declared (graphql-core's definitions); queries the planner
+    # covers are delivered incrementally (ARCHITECTURE.md, "Incremental delivery").
+    return _Schema(query=query, mutation=mutation, config=StrawberryConfig(enable_experimental_incremental_execution=True))
 
 
 class _Strawberry(GraphQL):  # type: ignore[type-arg]

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphql import (
+    REMOVE,
+    DirectiveNode,
     DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
@@ -49,11 +51,13 @@ from graphql import (
     SelectionSetNode,
     Source,
     VariableNode,
+    Visitor,
     build_schema,
     parse,
     print_schema,
     specified_rules,
     validate,
+    visit,
 )
 
 __all__ = ["Document", "DocumentCache", "Limits"]
@@ -83,9 +87,12 @@ class Document:
     node: DocumentNode | None = None
     errors: list[GraphQLError] = field(default_factory=list)
     operations: dict[str | None, OperationDefinitionNode] = field(default_factory=dict)
-    # Variables that @skip/@include read: the only ones that change which fields run.
+    # Variables that @skip/@include/@defer/@stream read: the only ones that change the plan.
     directive_variables: tuple[str, ...] = ()
     validated: bool = False  # within the limits, so graphql-core's validation ran
+    # The document without @defer and @stream, for the reference execution, which ignores
+    # them (ARCHITECTURE.md, "Incremental delivery"); `node` itself when it has none.
+    plain: DocumentNode | None = None
 
     def operation(self, name: str | None) -> OperationDefinitionNode | GraphQLError:
         if name is None:
@@ -212,6 +219,7 @@ def _load(text: str, schema: GraphQLSchema, limits: Limits, rules: list[Any]) ->
                                     hide_suggestions=not limits.introspection)]
     if not document.errors:
         document.directive_variables = _directive_variables(document.node)
+        document.plain = _plain(text, document.node)
     return document
 
 
@@ -256,6 +264,8 @@ def _from_wire(text: str, wire: Wire) -> Document:
     if node is not None:
         document.operations = {d.name.value if d.name else None: d for d in node.definitions
                                if isinstance(d, OperationDefinitionNode)}
+        if not errors:
+            document.plain = _plain(text, node)
     return document
 
 
@@ -351,8 +361,8 @@ def _directive_variables(node: DocumentNode) -> tuple[str, ...]:
 
     def visit(n: Any) -> None:
         for directive in getattr(n, "directives", None) or ():
-            if directive.name.value in ("skip", "include"):
-                for argument in directive.arguments:
+            if directive.name.value in ("skip", "include", "defer", "stream"):
+                for argument in directive.arguments or ():
                     if isinstance(argument.value, VariableNode):
                         found.add(argument.value.name.value)
         selection_set = getattr(n, "selection_set", None)
@@ -362,3 +372,13 @@ def _directive_variables(node: DocumentNode) -> tuple[str, ...]:
     for definition in node.definitions:
         visit(definition)
     return tuple(sorted(found))
+
+
+class _Incremental(Visitor):
+    def enter_directive(self, node: DirectiveNode, *_: Any) -> Any:
+        return REMOVE if node.name.value in ("defer", "stream") else None
+
+
+def _plain(text: str, node: DocumentNode) -> DocumentNode:
+    # (`@ defer` is a directive too: the name alone decides whether to look.)
+    return visit(node, _Incremental()) if "defer" in text or "stream" in text else node  # type: ignore[no-any-return]

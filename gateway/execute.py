@@ -6,12 +6,20 @@ object per field.
 The shaping follows the GraphQL spec's value completion (§6.4.3, "Handling Field Errors"):
 a field error is recorded once, at the path where it happened; a null in a non-null
 position makes the nearest nullable ancestor null. The reference execution (graphql-core)
-is held to the same answers by the differential tests."""
+is held to the same answers by the differential tests.
+
+Incremental delivery (ARCHITECTURE.md, "Incremental delivery"): `execute_incremental`
+shapes the initial part once the initial groups are read, and each deferred fragment, at each
+object it was spread on, once its own groups are; a @stream list keeps its first items in
+its part and sends the rest in the next (a root list of ids, split by the planner, when the
+rest is read). A deferred fragment is sent only where its object
+made it into the part before (a null that propagated over it drops it)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from graphql import GraphQLError, located_error
@@ -19,14 +27,14 @@ from graphql.execution.values import VariableValues, get_argument_values
 from graphql.pyutils import inspect
 
 from .errors import GatewayError
-from .plan import LEAF, OBJECT, TYPENAME, Field, Group, Plan
+from .plan import LEAF, OBJECT, TYPENAME, Deferred, Field, Group, Plan
 from .relations import read_pages
 from .source import Reader, Stale
 
 if TYPE_CHECKING:
     from .auth import Caller
 
-__all__ = ["execute_plan"]
+__all__ = ["Part", "execute_incremental", "execute_plan"]
 
 Fetched = dict[int, dict[Any, Any]]  # id(binding) -> key -> answer
 
@@ -37,11 +45,105 @@ class _Null(Exception):
 
 async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader
                        ) -> tuple[dict[str, Any] | None, list[GraphQLError], list[dict[str, Any]]]:
-    """`data`, the field errors and the stale entries served, for one operation."""
+    """`data`, the field errors and the stale entries served, for one operation (a plan
+    without incremental delivery)."""
+    assert not plan.incremental
     run = _Run(variables, reader.caller)
     await run.fetch(plan, reader)
     data = run.shape_root(plan.root)
     return data, run.errors, run.stale
+
+
+@dataclass
+class Part:
+    """One part of an incremental answer: the initial data, a deferred fragment's data at the
+    object at `path`, or a stream's further items (`path` ends with the first one's index)."""
+
+    path: list[Any]
+    label: str | None = None
+    data: dict[str, Any] | None = None
+    items: list[Any] | None = None
+    errors: list[GraphQLError] = field(default_factory=list)
+    stale: list[dict[str, Any]] = field(default_factory=list)
+    stream: bool = False
+
+
+@dataclass
+class _Spread:
+    """Deferred fragments met while shaping a part: at `obj`, shaped as `anchor` at `path`."""
+
+    deferred: tuple[Deferred, ...]
+    obj: Any
+    path: Path
+    anchor: Any
+
+
+@dataclass
+class _Rest:
+    """A stream's further items, shaped with their list (`anchor`, its first items)."""
+
+    part: Part
+    found: list[_Spread | _Rest]
+    path: Path
+    anchor: list[Any]
+
+
+async def execute_incremental(plan: Plan, variables: VariableValues, reader: Reader
+                              ) -> AsyncIterator[tuple[list[Part], bool]]:
+    """The parts of the answer as they are ready, each batch with `hasNext`; the first
+    batch is the initial part alone. Closing the iterator early cancels the reads left."""
+    run = _Run(variables, reader.caller)
+    tasks = run.start(plan, reader)
+    done: dict[int, asyncio.Future[Any]] = {}
+
+    def read(deferral: int) -> asyncio.Future[Any]:  # the groups of one part, read
+        if deferral not in done:
+            done[deferral] = asyncio.gather(*(t for g, t in zip(plan.groups, tasks) if g.deferral == deferral))
+            done[deferral].add_done_callback(_retrieved)  # cancelled when the client leaves: not an error
+        return done[deferral]
+
+    waiting: list[tuple[Deferred, Any, Path]] = []
+    ready: list[Part] = []
+
+    def follow(found: list[_Spread | _Rest]) -> None:
+        for entry in found:
+            if isinstance(entry, _Rest):
+                ready.append(entry.part)
+                follow(entry.found)
+            else:
+                for d in entry.deferred:
+                    if d.stream and not run.has_rest(d.fields[0]):
+                        continue  # no ids past `initialCount`: nothing to send
+                    waiting.append((d, entry.obj, entry.path))
+                    read(d.index)  # started now: the part is sent as soon as its reads are done
+
+    try:
+        await read(0)
+        initial, found = run.part(plan.root, plan.deferred, None, None, None)
+        follow(found)
+        yield [initial], bool(waiting or ready)
+        while waiting or ready:
+            if not ready:
+                await asyncio.wait({read(d.index) for d, _, _ in waiting}, return_when=asyncio.FIRST_COMPLETED)
+            batch, ready[:] = list(ready), []
+            pending, waiting[:] = list(waiting), []
+            for d, obj, path in pending:
+                if read(d.index).done():
+                    part, found = (run.rest(d.fields[0], path, d.label) if d.stream
+                                   else run.part(d.fields, d.deferred, obj, path, d.label))
+                    batch.append(part)
+                    follow(found)
+                else:
+                    waiting.append((d, obj, path))
+            yield batch, bool(waiting or ready)
+    finally:
+        for future in (*tasks, *done.values()):
+            future.cancel()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Run:
@@ -51,6 +153,7 @@ class _Run:
         self.fetched: Fetched = {}
         self.errors: list[GraphQLError] = []
         self.stale: list[dict[str, Any]] = []
+        self.found: list[_Spread | _Rest] = []  # deferred fragments and streams met while shaping
         self._args: dict[int, dict[str, Any]] = {}
         self.keys: dict[int, list[Any]] = {}  # relation field -> its keys
 
@@ -65,13 +168,16 @@ class _Run:
     # -- reading, level by level -------------------------------------------------------
 
     async def fetch(self, plan: Plan, reader: Reader) -> None:
-        if not plan.groups:
-            return
+        if plan.groups:
+            await asyncio.gather(*self.start(plan, reader))
+
+    def start(self, plan: Plan, reader: Reader) -> list[asyncio.Future[None]]:
+        """One task per group, each waiting for the groups its keys come from."""
         done: list[asyncio.Future[None]] = []
         for group in plan.groups:
             waits = [done[i] for i in group.after]
             done.append(asyncio.ensure_future(self._group(group, waits, reader)))
-        await asyncio.gather(*done)
+        return done
 
     async def _group(self, group: Group, waits: list[asyncio.Future[None]], reader: Reader) -> None:
         if waits:
@@ -97,9 +203,11 @@ class _Run:
         assert relation is not None
         try:
             if f.parent is None:
-                return relation.keys_from_args(self.args(f), self.caller)
+                return self.arg_keys(f)
             args = self.args(f) if f.field_def.args else {}  # type: ignore[union-attr]
-            parent_keys = self.keys.get(id(f.parent), [])
+            parent_keys = self.keys.get(id(f.parent))
+            if parent_keys is None:  # the parent's group has not started: its keys are known all the same
+                parent_keys = self.keys[id(f.parent)] = self._keys(f.parent)
             if f.same:
                 return [relation.key_for(k, args) for k in parent_keys]
             found = self.fetched.get(id(f.parent.relation.binding), {})  # type: ignore[union-attr]
@@ -121,6 +229,56 @@ class _Run:
             return self.object(fields, None, None)
         except _Null:
             return None
+
+    def part(self, fields: tuple[Field, ...], deferred: tuple[Deferred, ...], obj: Any, path: Path,
+             label: str | None) -> tuple[Part, list[_Spread | _Rest]]:
+        """The part of `fields` at `obj` (the initial one: `path` None), and the deferred
+        fragments and streams it leads to: those whose object is in its data."""
+        self.errors, self.stale, self.found = [], [], []
+        data = self.shape_root(fields) if path is None else self._object(fields, obj, path)
+        found = self.found
+        if deferred and data is not None:
+            found.append(_Spread(deferred, obj, path, data))
+        base = _list(path)
+        return Part(base, label, data, None, self.errors, self.stale), _kept(found, data, len(base))
+
+    def rest(self, f: Field, path: Path, label: str | None) -> tuple[Part, list[_Spread | _Rest]]:
+        """The part of a split root list's further items (`f` reads them)."""
+        self.errors, self.stale, self.found = [], [], []
+        start = f.slice[0]  # type: ignore[index]
+        items: list[Any] | None
+        try:
+            items = self.relation(f, None, (path, f.key))
+        except _Null:
+            items = None
+        except Exception as exc:
+            self.error(exc, f, (path, f.key))
+            items = None
+        part = Part([*_list(path), f.key, start], label, None, items, self.errors, self.stale, stream=True)
+        rest = {start + i: item for i, item in enumerate(items or ())}
+        return part, _kept(self.found, rest, len(part.path) - 1)
+
+    def has_rest(self, f: Field) -> bool:
+        try:
+            return bool(self.arg_keys(f))
+        except GatewayError:  # bad ids: reported with the list's first items
+            return False
+
+    def arg_keys(self, f: Field) -> list[Any]:
+        keys = f.relation.keys_from_args(self.args(f), self.caller)  # type: ignore[union-attr]
+        return keys if f.slice is None else keys[f.slice[0]:f.slice[1]]
+
+    def _object(self, fields: tuple[Field, ...], obj: Any, path: Path) -> dict[str, Any] | None:
+        try:
+            return self.object(fields, obj, path)
+        except _Null:  # a deferred fragment's null stops at its own data (the initial part stands)
+            return None
+
+    def child(self, f: Field, value: Any, path: Path) -> dict[str, Any]:
+        out = self.object(f.children, value, path)
+        if f.deferred:
+            self.found.append(_Spread(f.deferred, value, path, out))
+        return out
 
     # Paths are linked pairs (parent, key), made into lists only for an error or a stale
     # entry: most fields never need theirs.
@@ -147,7 +305,7 @@ class _Run:
                     elif f.is_list:
                         value = self.list(f, value, (path, f.key))
                     else:
-                        value = self.object(f.children, value, (path, f.key))
+                        value = self.child(f, value, (path, f.key))
                 elif kind == TYPENAME:
                     value = f.parent_type.name
                 else:
@@ -175,7 +333,9 @@ class _Run:
                 key = int(getattr(obj, relation.via))  # type: ignore[arg-type]
             value = found[key]
         else:
-            keys = relation.keys_from_args(self.args(f), self.caller)
+            keys = self.arg_keys(f)
+            if f.slice is not None:  # a split root list: its items are numbered from where it starts
+                return self.items(f, [found[k] for k in keys], path, True, f.slice[0])
             if relation.many:
                 return self.list(f, [found[k] for k in keys], path, answers=True)
             value = found[keys[0]] if keys else None
@@ -187,7 +347,7 @@ class _Run:
             return self.null(f, path)
         if f.is_list:
             return self.list(f, value, path)
-        return self.object(f.children, value, path)
+        return self.child(f, value, path)
 
     def unwrap(self, value: Any, path: Path) -> Any:
         if isinstance(value, Stale):
@@ -199,9 +359,33 @@ class _Run:
         return value
 
     def list(self, f: Field, values: Any, path: Path, answers: bool = False) -> list[Any]:
+        if f.stream is not None:
+            return self.stream(f, list(values), path, answers)
+        return self.items(f, values, path, answers)
+
+    def stream(self, f: Field, values: list[Any], path: Path, answers: bool) -> list[Any]:
+        """@stream: the first `initialCount` items here, the rest as a part of their own
+        (read with the first ones, so they come together, right after this part)."""
+        count, label = f.stream  # type: ignore[misc]
+        head = self.items(f, values[:count], path, answers)
+        if len(values) > count:
+            saved = self.errors, self.stale, self.found
+            self.errors, self.stale, self.found = [], [], []
+            try:
+                items: list[Any] | None = self.items(f, values[count:], path, answers, count)
+            except _Null:  # a null item in a non-null position: this part's items are null
+                items = None
+            rest = {count + i: item for i, item in enumerate(items or ())}
+            part = Part([*_list(path), count], label, None, items, self.errors, self.stale, stream=True)
+            found = _kept(self.found, rest, len(_list(path)))
+            self.errors, self.stale, self.found = saved
+            self.found.append(_Rest(part, found, path, head))
+        return head
+
+    def items(self, f: Field, values: Any, path: Path, answers: bool = False, start: int = 0) -> list[Any]:
         out = []
         leaf = f.kind == LEAF
-        for index, value in enumerate(values):
+        for index, value in enumerate(values, start):
             try:
                 if answers:
                     value = self.unwrap(value, (path, index))
@@ -212,7 +396,7 @@ class _Run:
                 elif leaf:
                     out.append(value if type(value) is f.native else _leaf(f, value))
                 else:
-                    out.append(self.object(f.children, value, (path, index)))
+                    out.append(self.child(f, value, (path, index)))
             except _Null:
                 if f.item_non_null:
                     raise
@@ -244,6 +428,22 @@ def _list(path: Path) -> list[Any]:
         keys.append(key)
     keys.reverse()
     return keys
+
+
+def _kept(found: list[_Spread | _Rest], data: Any, skip: int) -> list[_Spread | _Rest]:
+    """The entries of `found` whose anchor is in `data` (the part's data, whose path has
+    `skip` keys): a null that propagated over an object drops what was deferred in it."""
+    kept = []
+    for entry in found:
+        node = data
+        try:
+            for key in _list(entry.path)[skip:]:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if node is entry.anchor:
+            kept.append(entry)
+    return kept
 
 
 def _leaf(f: Field, value: Any) -> Any:

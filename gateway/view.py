@@ -6,19 +6,21 @@ One way through for a request (ARCHITECTURE.md, "The data path"): read the reque
 the document cache (parse, limits, validation: once per text) → the operation and its
 variables → the plan (once per document, operation and directive values) → the planned
 executor, or graphql-core's reference execution for what the planner leaves to it → the
-response, with `extensions` (stale, complete/failedServices, traceId)."""
+response, with `extensions` (stale, complete/failedServices, traceId). A query with an active
+@defer or @stream, from a client that reads multipart/mixed, is answered in parts
+(gateway/incremental.py); other clients get the whole answer at once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from inspect import isawaitable
 from typing import Any, TypeVar
 
 import orjson
 import strawberry
-from graphql import ExecutionResult, GraphQLError, OperationDefinitionNode, OperationType, execute
+from graphql import ExecutionResult, GraphQLError, OperationDefinitionNode, OperationType, experimental_execute_incrementally
 from graphql.execution.values import VariableValues, get_variable_values
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,12 +31,13 @@ from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext, exec
 from .auth import caller_of
 from .config import Settings
 from .context import RequestContext
-from .cost import CostAnalyzer
+from .cost import Cost, CostAnalyzer
 from .documents import Document, DocumentCache, Limits
 from .errors import GatewayError
-from .execute import execute_plan
+from .execute import Part, execute_incremental, execute_plan
+from .incremental import MULTIPART, accepts_multipart, payloads, send_multipart
 from .persisted import HASH, PersistedQueryError, QueryStore, TrustedDocuments, sha256
-from .plan import Planner
+from .plan import Plan, Planner
 from .relations import Loaders
 from .resilience import DEADLINE_HEADER, Deadline, partial_result
 from .state import gateway_state
@@ -148,26 +151,32 @@ class GraphQLView:
         media = negotiate(request.headers.get("accept"))
         headers = None
         try:
-            status, body = await self.handle(request, media)
+            status, body = await self.handle(request, media, send)
         except RequestError as exc:
             status, body, headers = exc.status, {"errors": [{"message": exc.message, "extensions": {"code": exc.code}}]}, exc.headers
+        if body is None:
+            return  # answered in parts
         response = Response(orjson.dumps(body), status_code=status, media_type=media, headers=headers)
         if (consistency := gateway_state(request).consistency) is not None:
             consistency.stamp(request, response)  # the token of what the answer reflected
         await response(scope, receive, send)
 
-    async def handle(self, request: Request, media: str) -> tuple[int, dict[str, Any]]:
+    async def handle(self, request: Request, media: str, send: Send | None = None) -> tuple[int, dict[str, Any] | None]:
         # The request's budget starts now: reading, parsing and validation spend it too.
         deadline = Deadline.for_request(self.settings.resilience.deadline, request.headers.get(DEADLINE_HEADER))
         params = await _read(request)
         with operation_span() as span:
             status, body = await self.run(request, params, span, media, deadline)
+            if not isinstance(body, dict):  # the parts, sent within the operation's span
+                assert send is not None
+                await self.send_parts(request, body, send)
+                return status, None
             if span.trace_id:
                 body.setdefault("extensions", {})["traceId"] = span.trace_id
             return status, body
 
     async def run(self, request: Request, params: _Params, span: OperationSpan, media: str,
-                  deadline: Deadline) -> tuple[int, dict[str, Any]]:
+                  deadline: Deadline) -> tuple[int, dict[str, Any] | AsyncIterator[dict[str, Any]]]:
         try:
             text, register = await self.query_text(params)
         except PersistedQueryError as exc:
@@ -203,7 +212,9 @@ class GraphQLView:
         if deadline.remaining() <= 0:
             raise _timeout()
         context = self.context(request, deadline)
-        plan = self.planner.plan(document, operation, variables)
+        plan = self.planner.plan(document, operation, variables, accepts_multipart(request.headers.get("accept")))
+        if plan is not None and plan.incremental:
+            return 200, self.incremental(plan, variables, context, request, params, span, cost)
         if plan is not None:
             data, errors, stale = await execute_plan(plan, variables, context.reader)
             if stale:
@@ -214,13 +225,43 @@ class GraphQLView:
         body: dict[str, Any] = {"data": data}
         if errors:
             body["errors"] = format_errors(errors)
-        context.extensions.update(partial_result(e.get("extensions", {}) for e in body.get("errors", ()) if "path" in e))
-        if params.extensions.get("cost") is True or request.headers.get(COST_HEADER, "").lower() in ("1", "true"):
-            context.extensions["cost"] = cost.as_dict(self.costs.limit)
-        if context.extensions:
+        if self.extensions(context, body.get("errors", []), request, params, cost):
             body["extensions"] = context.extensions
         span.outcome = "error" if data is None else ("partial" if errors else "complete")
         return 200, body
+
+    def extensions(self, context: RequestContext, errors: list[dict[str, Any]], request: Request, params: _Params,
+                   cost: Cost) -> dict[str, Any]:
+        """The answer's `extensions` (of its initial part, when in parts): what the
+        execution gathered, complete/failedServices, and the cost when asked for."""
+        context.extensions.update(partial_result(e.get("extensions", {}) for e in errors if "path" in e))
+        if params.extensions.get("cost") is True or request.headers.get(COST_HEADER, "").lower() in ("1", "true"):
+            context.extensions["cost"] = cost.as_dict(self.costs.limit)
+        return context.extensions
+
+    def incremental(self, plan: Plan, variables: VariableValues, context: RequestContext, request: Request,
+                    params: _Params, span: OperationSpan, cost: Cost) -> AsyncIterator[dict[str, Any]]:
+        """The payloads of an answer in parts (ARCHITECTURE.md, "Incremental delivery"); the
+        initial one carries the response's extensions, each later one its own."""
+        def initial(part: Part, errors: list[dict[str, Any]]) -> dict[str, Any]:
+            if part.stale:
+                context.extensions["stale"] = part.stale
+            extensions = self.extensions(context, errors, request, params, cost)
+            if span.trace_id:
+                extensions["traceId"] = span.trace_id
+            span.outcome = "error" if part.data is None else ("partial" if errors else "complete")
+            return extensions
+
+        return payloads(execute_incremental(plan, variables, context.reader), format_errors, initial)
+
+    @staticmethod
+    async def send_parts(request: Request, parts: AsyncIterator[dict[str, Any]], send: Send) -> None:
+        first = await anext(parts)  # read before the headers: the consistency token says what it reflects
+        response = Response(media_type=MULTIPART)  # headers only: the body follows part by part
+        if (consistency := gateway_state(request).consistency) is not None:
+            consistency.stamp(request, response)
+        await send_multipart(send, request.receive, [(k, v) for k, v in response.raw_headers if k != b"content-length"],
+                             first, parts)
 
     async def query_text(self, params: _Params) -> tuple[str, bool]:
         """The query to run, and whether it is to be registered (APQ, hash and query sent);
@@ -306,10 +347,15 @@ async def _within(deadline: Deadline, work: Awaitable[T]) -> T:
 async def execute_reference(schema: strawberry.Schema, document: Document, variables: dict[str, Any],
                             operation_name: str | None, context: RequestContext) -> ExecutionResult:
     """graphql-core's execution over the schema's own resolvers: the reference semantics."""
-    result = execute(schema._schema, document.node, context_value=context,  # type: ignore[arg-type]
-                     variable_values=variables, operation_name=operation_name,
-                     **execution_context_class_kwargs(StrawberryGraphQLCoreExecutionContext))
-    return await result if isawaitable(result) else result
+    # @defer and @stream are ignored here (the spec allows it): the whole answer at once.
+    # graphql-core runs a schema that declares them only through its incremental entry point.
+    result = experimental_execute_incrementally(
+        schema._schema, document.plain, context_value=context,  # type: ignore[arg-type]
+        variable_values=variables, operation_name=operation_name,
+        **execution_context_class_kwargs(StrawberryGraphQLCoreExecutionContext))
+    result = await result if isawaitable(result) else result
+    assert isinstance(result, ExecutionResult)  # the document has no @defer or @stream left
+    return result
 
 
 def _wants_html(scope: Scope) -> bool:

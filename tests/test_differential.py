@@ -4,7 +4,11 @@ Operations are generated at random from the schema (fields, aliases, fragments, 
 fragments, @skip/@include with variables, lists, missing and malformed ids), run against
 services that may fail and a cache that may hold stale entries; both executors read the same
 upstream answers (in-process stand-ins of the services, so thousands of cases run in about a
-minute), and `data`, `errors` (paths, codes, messages, locations) and `extensions` must match."""
+minute), and `data`, `errors` (paths, codes, messages, locations) and `extensions` must match.
+
+Fragments are deferred and lists streamed at random too: the reference execution ignores
+@defer and @stream, and the planned engine's parts, put together as a client does, must give
+the same answer (ARCHITECTURE.md, "Incremental delivery")."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-from graphql import GraphQLObjectType, get_named_type, is_leaf_type
+from graphql import GraphQLList, GraphQLObjectType, get_named_type, is_leaf_type
 from graphql.execution.values import VariableValues, get_variable_values
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
@@ -28,12 +32,14 @@ from gateway.cache import EntityCache, Entry, MemoryLevel
 from gateway.config import ResilienceConfig, ServiceConfig
 from gateway.context import RequestContext
 from gateway.documents import DocumentCache
-from gateway.execute import execute_plan
+from gateway.execute import execute_incremental, execute_plan
+from gateway.incremental import payloads
 from gateway.plan import Planner
 from gateway.relations import Loaders
 from gateway.resilience import Resilience, partial_result
 from gateway.upstream import Upstream
 from gateway.view import execute_reference, format_errors
+from incremental import merged
 from schema import BINDINGS, Query
 
 SCHEMA = executable_schema(Query)
@@ -147,6 +153,7 @@ class _Doc:
         self.fragments: list[str] = []
         self.variables: dict[str, Any] = {}
         self.definitions: list[str] = []
+        self.labels = 0
 
     def var(self, gql_type: str, value: Any) -> str:
         name = f"v{len(self.variables)}"
@@ -161,6 +168,23 @@ class _Doc:
         value = self.draw(st.booleans())
         cond = self.var("Boolean!", value) if self.draw(st.booleans()) else str(value).lower()
         return f" @{kind}(if: {cond})"
+
+    def defer(self) -> str:
+        """@defer on a fragment, now and then: plain, labelled, or with `if`."""
+        how = self.draw(st.integers(0, 5))
+        if how == 0:
+            return " @defer"
+        if how == 1:
+            self.labels += 1
+            return f' @defer(label: "d{self.labels}")'
+        if how == 2:
+            return f" @defer(if: {self.var('Boolean!', self.draw(st.booleans()))})"
+        return ""
+
+    def stream(self, field: Any) -> str:
+        if not isinstance(getattr(field.type, "of_type", field.type), GraphQLList) or self.draw(st.integers(0, 2)):
+            return ""
+        return f" @stream(initialCount: {self.draw(st.integers(0, 2))})"
 
     def args(self, field: str, arg_names: list[str]) -> str:
         parts = []
@@ -185,7 +209,7 @@ class _Doc:
             field = type_.fields[name]
             named = get_named_type(field.type)
             alias = f"{self.draw(st.sampled_from(['a', 'b']))}_{name}: " if self.draw(st.integers(0, 3)) == 0 else ""
-            text = f"{alias}{name}{self.args(name, list(field.args))}{self.directive()}"
+            text = f"{alias}{name}{self.args(name, list(field.args))}{self.directive()}{self.stream(field)}"
             if not is_leaf_type(named):
                 if depth <= 0:
                     continue
@@ -198,13 +222,13 @@ class _Doc:
     def wrap(self, type_: GraphQLObjectType, text: str) -> str:
         how = self.draw(st.integers(0, 6))
         if how == 0:
-            return f"... on {type_.name}{self.directive()} {{ {text} }}"
+            return f"... on {type_.name}{self.directive()}{self.defer()} {{ {text} }}"
         if how == 1:
-            return f"...{self.directive()} {{ {text} }}"
+            return f"...{self.directive()}{self.defer()} {{ {text} }}"
         if how == 2:
             name = f"F{len(self.fragments)}"
             self.fragments.append(f"fragment {name} on {type_.name} {{ {text} }}")
-            return f"...{name}{self.directive()}"
+            return f"...{name}{self.directive()}{self.defer()}"
         return text
 
     def text(self, selection: str) -> str:
@@ -263,7 +287,38 @@ async def _both(services: _Services, query: str, variables: dict[str, Any], fail
     if stale_served:
         planned_ext["stale"] = stale_served
     non_null = {f.key for f in plan.root if f.non_null}
-    return _normal(result.data, ref_errors, ref_ext, non_null), _normal(data, planned_errors, planned_ext, non_null)
+    reference = _normal(result.data, ref_errors, ref_ext, non_null)
+    incremental = planner.plan(document, operation, values, incremental=True)  # type: ignore[arg-type]
+    if incremental is not None and incremental.incremental:
+        source = await _source(services.upstream, stale)
+        # Put together, every part lands on an object of the parts before it (none on a null).
+        answer = merged([p async for p in payloads(execute_incremental(incremental, values, source.reader(Caller("tester", staff=True))),
+                                                   format_errors, lambda part, errors: {"stale": part.stale})])
+    if incremental is not None and incremental.incremental and _no_propagation(result.data, ref_errors):
+        # A null in a non-null position stops at the deferred fragment or streamed items
+        # it happened in (the parts before stand), so only answers without one compare.
+        errors = list({json.dumps(e, sort_keys=True): e for e in answer["errors"]}.values())  # a field in two parts: one error
+        ext = partial_result(e.get("extensions", {}) for e in errors if "path" in e)
+        if answer["stale"]:
+            ext["stale"] = list({json.dumps(e, sort_keys=True): e for e in answer["stale"]}.values())
+        together = _normal(answer["data"], errors, ext, non_null)
+        # Deferred fields come after the others: the same answer, its keys in another order.
+        assert {**together, "data": json.loads(together["data"])} == {**reference, "data": json.loads(reference["data"])}, query
+    return reference, _normal(data, planned_errors, planned_ext, non_null)
+
+
+def _no_propagation(data: Any, errors: list[dict[str, Any]]) -> bool:
+    """Every error's path leads to a null in `data`: no null went past the field it was in."""
+    for error in errors:
+        node = data
+        try:
+            for key in error.get("path", ()):
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+        if node is not None:
+            return False
+    return True
 
 
 SHARED = _Services()  # one set of clients for all generated cases: MockTransport needs no event loop of its own

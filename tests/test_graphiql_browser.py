@@ -1,6 +1,6 @@
 """GraphiQL in a real browser (Debian's chromium, driven by Playwright), with every request
 that is not to this machine blocked: the page loads, runs the order page, shows the answer,
-and nothing leaves the machine."""
+and nothing leaves the machine; a deferred fragment shows up when its part arrives."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import Request, Route, async_playwright
+from playwright.async_api import BrowserContext, Page, Request, Route, async_playwright
 
 from shop import STAFF, Shop, on_a_real_port, running_gateway
 
@@ -39,6 +40,41 @@ async def _set_editor(page, selector: str, text: str) -> None:
     await page.eval_on_selector(selector, "(el, text) => el.CodeMirror.setValue(text)", text)
 
 
+@contextlib.asynccontextmanager
+async def chromium(problems: list[str]) -> AsyncIterator[tuple[BrowserContext, Page]]:
+    """A browser context and a page in it; the page's console errors and exceptions go to `problems`."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1400, "height": 900})
+            page = await context.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            yield context, page
+        finally:
+            await browser.close()
+
+
+async def _open(page: Page, url: str, query: str, variables: dict[str, str]) -> None:
+    """GraphiQL at `url` with `query` and `variables` in its editors, and a staff token in its headers."""
+    await page.goto(f"{url}/graphql")
+    await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
+    await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', query)
+    await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror', json.dumps(variables))
+    await page.get_by_role("button", name="Headers").click()
+    await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
+                      json.dumps({"Authorization": STAFF["authorization"]}))
+
+
+async def _shown(page: Page, wanted: str) -> dict[str, Any]:
+    """The result pane's answer, once its text includes `wanted`."""
+    shown = await page.wait_for_function(
+        """(wanted) => { const cm = document.querySelector('.result-window .CodeMirror');
+                         const text = cm && cm.CodeMirror.getValue(); return text && text.includes(wanted) && text; }""",
+        arg=wanted, timeout=20_000)
+    return json.loads(await shown.json_value())  # type: ignore[no-any-return]
+
+
 async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_the_machine(shop):
     """In chromium, GraphiQL from /graphql runs the order page for 4850 and shows its status and customer; every request stays local."""
     async with shop.client("orders") as orders:
@@ -57,33 +93,13 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
             blocked.append(route.request.url)
             await route.abort("blockedbyclient")
 
-    async with gateway_on_a_port(shop) as url, async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        try:
-            context = await browser.new_context(viewport={"width": 1400, "height": 900})
-            await context.route("**/*", only_local)
-            context.on("request", lambda request: requests.append(request))
-            page = await context.new_page()
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-
-            await page.goto(f"{url}/graphql")
-            await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
-            await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', ORDER_PAGE)
-            await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror',
-                              json.dumps({"id": "4850"}))
-            await page.get_by_role("button", name="Headers").click()
-            await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
-                              json.dumps({"Authorization": STAFF["authorization"]}))
-            await page.click(".graphiql-execute-button")
-            shown = await page.wait_for_function(
-                """() => { const cm = document.querySelector('.result-window .CodeMirror');
-                           const text = cm && cm.CodeMirror.getValue(); return text && text.includes('"data"') && text; }""",
-                timeout=20_000)
-            result = json.loads(await shown.json_value())
-            await page.screenshot(path=str(SCREENSHOT))
-        finally:
-            await browser.close()
+    async with gateway_on_a_port(shop) as url, chromium(problems) as (context, page):
+        await context.route("**/*", only_local)
+        context.on("request", lambda request: requests.append(request))
+        await _open(page, url, ORDER_PAGE, {"id": "4850"})
+        await page.click(".graphiql-execute-button")
+        result = await _shown(page, '"data"')
+        await page.screenshot(path=str(SCREENSHOT))
 
     assert result["data"]["order"]["status"] == order["status"]
     assert result["data"]["order"]["customer"]["name"] == customer["name"]
@@ -94,6 +110,36 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
     assert blocked == [] and problems == []
     assert {urlsplit(r.url).hostname for r in requests} == {"127.0.0.1"}
     assert {urlsplit(r.url).path for r in requests if r.method == "GET"} >= {"/graphql", "/graphiql/assets/graphiql-3.8.3/graphiql.min.js"}
+
+
+DEFERRED_ORDER_PAGE = """query DeferredOrderPage($id: ID!) {
+  order(id: $id) {
+    id
+    status
+    customer { name }
+    ... @defer(label: "shipping") {
+      shipment { carrier trackingNumber }
+    }
+  }
+}"""
+
+
+async def test_graphiql_shows_a_deferred_fragment_when_its_part_arrives(shop):
+    """In chromium, GraphiQL runs a deferred order page: the pane shows the order while shipping is held, then the shipment once it is let go."""
+    await shop.faults("shipping", hang=True, paths=["/shipments"])
+    problems: list[str] = []
+    async with gateway_on_a_port(shop) as url, chromium(problems) as (_, page):
+        await _open(page, url, DEFERRED_ORDER_PAGE, {"id": "4850"})
+        await page.click(".graphiql-execute-button")
+        initial = await _shown(page, '"status"')
+        async with shop.client("shipping") as shipping:  # let the held shipments call go
+            (await shipping.delete("/_admin/faults")).raise_for_status()
+        whole = await _shown(page, '"trackingNumber"')
+
+    assert "shipment" not in initial["data"]["order"] and initial["data"]["order"]["customer"]["name"]
+    assert whole["data"]["order"]["shipment"]["carrier"] and whole["data"]["order"]["customer"]["name"]
+    assert "errors" not in whole
+    assert problems == []
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """Real clients against a gateway on a real port: Apollo Client's automatic persisted queries
-(createPersistedQueryLink over HttpLink) and the graphql-http audit suite (GraphQL over HTTP
+(createPersistedQueryLink over HttpLink), Apollo Client reading a deferred query's parts, and the graphql-http audit suite (GraphQL over HTTP
 conformance), both from the npm registry at the versions tests/js/package-lock.json pins."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def node() -> str:
     return found
 
 
-async def run_node(node: str, script: str, url: str) -> Any:
+async def run_node(node: str, script: str, *args: str) -> Any:
     token = STAFF["authorization"].removeprefix("Bearer ")
-    process = await asyncio.create_subprocess_exec(node, script, url, cwd=JS, stdout=asyncio.subprocess.PIPE,
+    process = await asyncio.create_subprocess_exec(node, script, *args, cwd=JS, stdout=asyncio.subprocess.PIPE,
                                                    stderr=asyncio.subprocess.PIPE,
                                                    env={**os.environ, "BOOKVAULT_TOKEN": token})
     async with asyncio.timeout(120):
@@ -69,3 +69,29 @@ async def test_the_graphql_http_audit_suite_passes_every_audit(node: str, shop: 
     failing = [f"{r['status']}: {r['name']} ({r['reason']})" for r in results if r["status"] != "ok"]
     assert len(results) > 30
     assert failing == []
+
+
+async def test_apollo_client_reads_a_deferred_order_page_in_parts(node: str, shop: Shop) -> None:
+    """Apollo Client (deferSpec=20220824) gets the multipart answer: first the order without the deferred fields, then all of it, as the gateway answers in one JSON body."""
+    query = ("query($id: ID!) { order(id: $id) { id status customer { id name } shipment { id carrier trackingNumber }"
+             " items { quantity book { id title stock { available } } } } }")
+    async with running_gateway(shop) as (client, app), on_a_real_port(app) as url:
+        out = await run_node(node, "apollo_defer.mjs", f"{url}/graphql", "4850")
+        whole = (await client.post("/graphql", json={"query": query, "variables": {"id": "4850"}})).json()
+    assert [w["accept"].split(",")[0] for w in out["wire"]] == ["multipart/mixed;deferSpec=20220824"]
+    assert out["wire"][0]["contentType"].startswith('multipart/mixed; boundary="-"')
+    assert out["emitted"][0]["dataState"] == "empty" and out["emitted"][0]["loading"] is True
+    first, *_, last = out["emitted"][1:]
+    assert first["dataState"] == "streaming" and "shipment" not in first["data"]["order"]
+    assert first["data"]["order"]["customer"]["name"] == whole["data"]["order"]["customer"]["name"]
+    assert last["dataState"] == "complete" and last["error"] is None
+    assert _untyped(last["data"]) == whole["data"]
+
+
+def _untyped(value: Any) -> Any:
+    """`value` without the __typename fields Apollo Client adds to every selection."""
+    if isinstance(value, dict):
+        return {k: _untyped(v) for k, v in value.items() if k != "__typename"}
+    if isinstance(value, list):
+        return [_untyped(v) for v in value]
+    return value
