@@ -17,8 +17,8 @@ from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
-from starlette.types import Scope
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
@@ -29,6 +29,10 @@ from .feed import FeedFollower
 from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
 from .health import MEMORY_CACHE, ReadinessProbe, readyz
 from .flights import SingleFlight
+from .hub import LiveHub
+from .live import LIVE, Live
+from .live_sse import serve_sse, wants_events
+from .live_ws import serve_websocket
 from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
 from .persisted import QueryStore, TrustedDocuments
 from .resilience import BreakerState, Resilience
@@ -49,6 +53,7 @@ class Api:
     query: type
     bindings: tuple[Binding, ...]
     mutation: type | None = None
+    subscription: type | None = None  # its fields declare `Live` (ARCHITECTURE.md, "Live updates")
 
 
 class _Schema(strawberry.Schema):
@@ -58,8 +63,34 @@ class _Schema(strawberry.Schema):
         return None
 
 
-def executable_schema(query: type, mutation: type | None = None) -> strawberry.Schema:
-    return _Schema(query=query, mutation=mutation)
+def executable_schema(query: type, mutation: type | None = None, subscription: type | None = None) -> strawberry.Schema:
+    return _Schema(query=query, mutation=mutation, subscription=subscription)
+
+
+def lives(schema: strawberry.Schema) -> list[Live]:
+    """The `Live` declarations of the schema's subscription fields."""
+    root = schema._schema.subscription_type
+    found = []
+    for field in root.fields.values() if root is not None else ():
+        definition = field.extensions.get("strawberry-definition")
+        live = (definition.metadata or {}).get(LIVE) if definition is not None else None
+        if live is not None:
+            found.append(live)
+    return found
+
+
+class _GraphQL:
+    """/graphql over HTTP: event streams (graphql-sse) to the live hub, the rest to the view
+    (the stream is not one request's span: its messages are the hub's work)."""
+
+    def __init__(self, view: GraphQLView, app: ASGIApp) -> None:
+        self.view, self.app = view, app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if wants_events(scope) and scope["method"] in ("GET", "POST"):
+            await serve_sse(self.view, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class _Strawberry(GraphQL):  # type: ignore[type-arg]
@@ -125,7 +156,8 @@ def create_app(
     instead of sleeping through a cool-down or a TTL); `tracer_provider` replaces the one
     made from the OTEL_* variables (tests record spans)."""
     settings = settings or Settings.from_env()
-    schema = executable_schema(api.query, api.mutation)
+    schema = executable_schema(api.query, api.mutation, api.subscription)
+    live_fields = lives(schema)
     cache_policies = policies(settings, api.bindings)
     owned: dict[str, list[str]] = {name: [] for name in settings.services}
     feed_keys = {b.entity: b.feed_key for b in api.bindings if b.feed_key is not None}
@@ -144,10 +176,14 @@ def create_app(
         if settings.redis_url:
             redis = RedisLevel(settings.redis_url, timeout=settings.redis_timeout, rest=settings.redis_rest)
         cache = EntityCache(MemoryLevel(settings.cache_max_keys), redis, wall_clock, settings.cache_namespace)
+        source = EntitySource(upstream, cache, cache_policies, SingleFlight())
+        live = LiveHub(schema._schema, source, live_fields, limit=settings.live_max, deadline=settings.resilience.deadline)
+        live.start()
         feeds = None
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
-            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys)
+            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys,
+                                 listeners=[live])
             feeds.start()
         # Floor raises other instances publish reach this one's L1 without waiting for its follower.
         listening = asyncio.create_task(cache.listen(), name="floor-channel") if redis and settings.floor_channel else None
@@ -156,13 +192,13 @@ def create_app(
         if feeds is not None:
             # Informational: until a feed has its cursor, that service's entries may be dropped.
             readiness += [ReadinessProbe("feeds", name, feeds.following(name)) for name in owned]
-        source = EntitySource(upstream, cache, cache_policies, SingleFlight())
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
-                                         readiness=readiness, limits=limits, consistency=consistency)
+                                         readiness=readiness, limits=limits, consistency=consistency, live=live)
         try:
             yield
         finally:
+            await live.close()  # first: subscribers are told (1001, complete) while the services still answer
             if limits is not None:
                 limits.cancel()
             if listening is not None:
@@ -185,7 +221,8 @@ def create_app(
     view = GraphQLView(schema, _Strawberry(schema), settings, store, trusted)
     app = Starlette(
         routes=[
-            Route("/graphql", TelemetryMiddleware(view, _telemetry)),
+            Route("/graphql", _GraphQL(view, TelemetryMiddleware(view, _telemetry))),
+            WebSocketRoute("/graphql", serve_websocket),
             Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -23,7 +23,7 @@ from .plan import LEAF, OBJECT, TYPENAME, Field, Group, Plan
 from .relations import read_pages
 from .source import Reader, Stale
 
-__all__ = ["execute_plan"]
+__all__ = ["Fetched", "execute_plan"]
 
 Fetched = dict[int, dict[Any, Any]]  # id(binding) -> key -> answer
 
@@ -32,10 +32,13 @@ class _Null(Exception):
     """A null in a non-null position: the error is recorded, the parent becomes null."""
 
 
-async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader
+async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fetched: Fetched | None = None
                        ) -> tuple[dict[str, Any] | None, list[GraphQLError], list[dict[str, Any]]]:
-    """`data`, the field errors and the stale entries served, for one operation."""
+    """`data`, the field errors and the stale entries served, for one operation. `fetched`:
+    entities already read, not read again (a live update's shared read, gateway/hub.py)."""
     run = _Run(variables)
+    if fetched is not None:
+        run.fetched = fetched
     await run.fetch(plan, reader)
     data = run.shape_root(plan.root)
     return data, run.errors, run.stale

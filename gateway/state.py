@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
@@ -16,6 +17,9 @@ from .resilience import Resilience
 from .source import EntitySource
 from .telemetry import Telemetry
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .hub import LiveHub  # which imports the view, which imports this module
 
 __all__ = ["GatewayState", "gateway_state"]
 
@@ -34,6 +38,7 @@ class GatewayState:
     readiness: list[ReadinessProbe] = field(default_factory=list)
     limits: asyncio.Task[None] | None = None  # learning the services' maxBatch
     consistency: Consistency | None = None  # consistency tokens (gateway/consistency.py)
+    live: LiveHub | None = None  # subscriptions (gateway/hub.py)
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:
