@@ -114,8 +114,11 @@ async def serve_sse(view: GraphQLView, scope: Scope, receive: Receive, send: Sen
 
 
 async def _stream(outbox: Outbox, send: Send, heartbeat: float) -> None:
+    async def body(chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
     while (message := await outbox.get(heartbeat)) is not None:
-        await send({"type": "http.response.body", "body": message or b":\n\n", "more_body": True})
+        await outbox.send(body, message or b":\n\n")
 
 
 async def _disconnected(receive: Receive) -> None:

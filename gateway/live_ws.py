@@ -108,7 +108,10 @@ class _Connection:
         while (message := await self.outbox.get(self.settings.live_heartbeat)) is not None:
             if message == HEARTBEAT:
                 message = b'{"type":"ping"}'  # keeps idle connections open through proxies
-            await self.websocket.send_text(message.decode())
+            await self.outbox.send(self._send, message)
+
+    async def _send(self, message: bytes) -> None:
+        await self.websocket.send_text(message.decode())
 
     async def _read(self) -> None:
         with contextlib.suppress(WebSocketDisconnect):

@@ -1,11 +1,14 @@
 """A connection's messages waiting to be sent (ARCHITECTURE.md, "Live updates"): bounded,
-so a consumer that does not read is found out (its outbox fills) and dropped rather than
-buffered without bound. One per WebSocket connection or SSE stream; no task of its own."""
+so a consumer that does not read is found out and dropped rather than buffered without
+bound. The bound applies while a send is under way: a send that does not return means the
+socket's buffers are full (the peer is not reading); a burst queued in one go (a hundred
+subscriptions' first states) is not slowness. One per WebSocket or SSE stream."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 __all__ = ["HEARTBEAT", "Outbox"]
 
@@ -13,18 +16,19 @@ HEARTBEAT = b""  # what `get` answers when nothing came for a heartbeat's interv
 
 
 class Outbox:
-    __slots__ = ("items", "bound", "ready", "ended")
+    __slots__ = ("items", "bound", "ready", "ended", "sending")
 
     def __init__(self, bound: int) -> None:
         self.items: deque[bytes] = deque()
         self.bound = bound
         self.ready = asyncio.Event()
         self.ended = False
+        self.sending = False  # the consumer is in a send that has not returned yet
 
     def put(self, message: bytes, *, last: bool = False) -> bool:
         """Queue `message`; False when `bound` messages are waiting already (a slow consumer).
         `last`: nothing follows it, and it is queued past the bound (a closing message)."""
-        if self.ended or (len(self.items) >= self.bound and not last):
+        if self.ended or (len(self.items) >= self.bound and self.sending and not last):
             return False
         self.items.append(message)
         self.ended = last
@@ -47,3 +51,10 @@ class Outbox:
             except TimeoutError:
                 return HEARTBEAT
         return self.items.popleft()
+
+    async def send(self, send: Callable[[bytes], Awaitable[None]], message: bytes) -> None:
+        self.sending = True
+        try:
+            await send(message)
+        finally:
+            self.sending = False

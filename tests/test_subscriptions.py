@@ -46,10 +46,10 @@ def token(customer: int | None = None, staff: bool = False) -> str:
 
 
 @contextlib.asynccontextmanager
-async def live(shop: Shop, **settings: Any) -> AsyncIterator[tuple[str, Any]]:
+async def live(shop: Shop, send_buffer: int | None = None, **settings: Any) -> AsyncIterator[tuple[str, Any]]:
     """A gateway over `shop` on a real port (its URL and app), authenticating bearer tokens."""
     async with running_gateway(shop, **settings) as (_, app), authenticated(app) as served, \
-            on_a_real_port(served) as url:
+            on_a_real_port(served, send_buffer=send_buffer) as url:
         yield url, app
 
 
@@ -135,3 +135,164 @@ async def test_a_status_change_reaches_websocket_and_sse_subscribers_once_with_i
         with pytest.raises(TimeoutError):  # once: nothing else follows
             async with asyncio.timeout(0.5):
                 await ws.connection.recv()
+
+
+async def reads(shop: Shop) -> dict[str, list[dict[str, Any]]]:
+    """The services' GET requests since the last reset (writes and feed polls left out)."""
+    calls = await shop.calls()
+    return {name: [r for r in found if r["method"] == "GET"] for name, found in calls.items() if found}
+
+
+async def test_two_hundred_subscribers_of_one_order_cost_one_batched_read_per_change(shop: Shop) -> None:
+    """200 subscriptions on two connections: one PATCH, 200 messages, one read of the order upstream."""
+    order = await order_of(shop, "PLACED")
+    bearer = token(order["customerId"])
+    async with live(shop) as (url, _), WsClient.connect(url, bearer) as a, WsClient.connect(url, bearer) as b:
+        for client in (a, b):
+            for n in range(100):
+                await client.subscribe(str(n), ORDER, id=str(order["id"]))
+        for client in (a, b):
+            firsts = [await client.receive() for _ in range(100)]
+            assert {m["payload"]["data"]["orderUpdated"]["version"] for m in firsts} == {order["version"]}
+        await shop.reset_stats()
+        version = await patch(shop, order["id"], "PAID")
+        for client in (a, b):
+            changed = [await client.receive() for _ in range(100)]
+            assert {m["payload"]["data"]["orderUpdated"]["version"] for m in changed} == {version}
+            assert sorted(int(m["id"]) for m in changed) == list(range(100))
+        calls = await reads(shop)
+    assert [(r["route"], r["ids"]) for r in calls.pop("orders")] == [("/orders", 1)]  # one batch read, one id
+    assert all(len(found) <= 1 for found in calls.values()), calls  # the customer: once at most (else cached)
+
+
+async def test_a_burst_of_twenty_changes_arrives_in_order_without_duplicates(shop: Shop) -> None:
+    """Twenty PATCHes over seven orders in a row: each subscription sees its versions strictly rise to the last one."""
+    orders = []
+    async with shop.client("orders") as client:
+        for start in range(1, 5000, 100):
+            page = (await client.get("/orders", params={"ids": ",".join(map(str, range(start, start + 100)))})).json()
+            orders += [o for o in page["data"] if o["status"] == "PLACED"]
+            if len(orders) >= 7:
+                break
+    orders = orders[:7]
+    steps = [(o["id"], s) for s in ("PAID", "SHIPPED", "DELIVERED") for o in orders][:20]
+    async with live(shop) as (url, _), WsClient.connect(url, token(staff=True)) as ws:
+        for o in orders:
+            await ws.subscribe(str(o["id"]), ORDER, id=str(o["id"]))
+        seen: dict[str, list[int]] = {}
+        for _ in orders:
+            first = await ws.receive()
+            seen[first["id"]] = [first["payload"]["data"]["orderUpdated"]["version"]]
+        final = {}
+        for order_id, status in steps:  # as fast as the service takes them, not waiting for messages
+            final[str(order_id)] = await patch(shop, order_id, status)
+        while any(seen[k][-1] < v for k, v in final.items()):
+            message = await ws.receive()
+            seen[message["id"]].append(message["payload"]["data"]["orderUpdated"]["version"])
+        for versions in seen.values():
+            assert versions == sorted(set(versions)), seen  # strictly rising: no duplicate, no reordering
+        # A client that (re)connects gets the current state at once.
+        async with WsClient.connect(url, token(staff=True)) as again:
+            order_id = str(steps[-1][0])
+            await again.subscribe("x", ORDER, id=order_id)
+            assert (await again.receive())["payload"]["data"]["orderUpdated"]["version"] == final[order_id]
+
+
+async def test_anonymous_and_other_customers_are_refused_and_staff_is_served(shop: Shop) -> None:
+    """No token: UNAUTHENTICATED; another customer's token: FORBIDDEN (WebSocket and SSE); staff: the order."""
+    order = await order_of(shop, "PLACED")
+    other = token(order["customerId"] + 1)
+    async with live(shop) as (url, _):
+        async with WsClient.connect(url) as ws:
+            await ws.subscribe("a", ORDER, id=str(order["id"]))
+            refused = await ws.receive()
+            assert (refused["type"], refused["payload"][0]["extensions"]["code"]) == ("error", "UNAUTHENTICATED")
+        async with WsClient.connect(url, other) as ws:
+            await ws.subscribe("b", ORDER, id=str(order["id"]))
+            refused = await ws.receive()
+            assert (refused["type"], refused["payload"][0]["extensions"]["code"]) == ("error", "FORBIDDEN")
+        for bearer, code in ((None, "UNAUTHENTICATED"), (other, "FORBIDDEN")):
+            async with sse(url, ORDER, bearer, id=str(order["id"])) as events:
+                event, data = await next_event(events)
+                assert (event, data["errors"][0]["extensions"]["code"]) == ("next", code)
+                assert (await next_event(events))[0] == "complete"
+        async with WsClient.connect(url, token(staff=True)) as ws:
+            await ws.subscribe("c", ORDER, id=str(order["id"]))
+            served = await ws.receive()
+            assert served["payload"]["data"]["orderUpdated"]["id"] == str(order["id"])
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """One masked text frame (RFC 6455 §5.2) with a zero mask key: what a client sends."""
+    payload = json.dumps(message).encode()
+    size = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return b"\x81" + size + b"\0\0\0\0" + payload
+
+
+async def test_a_connection_that_does_not_read_is_dropped_with_4008(shop: Shop) -> None:
+    """A client that stops reading: its subscriptions are released while it reads nothing; reading again, it finds a 4008 close."""
+    order = await order_of(shop, "PLACED")
+    query = ("subscription($id: ID!) { orderUpdated(id: $id) { id status version items { titleAtPurchase "
+             "book { title isbn author { name bio } } } customer { name email } } }")
+    async with live(shop, send_buffer=4096, live_queue=8) as (url, app):
+        hub = app.state.gateway.live
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes back up soon
+        sock.connect((host, int(port)))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, f"GET /graphql HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n".encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await loop.sock_recv(sock, 1024)
+        assert received.startswith(b"HTTP/1.1 101")
+        subscribes = [frame({"id": str(n), "type": "subscribe", "payload": {"query": query, "variables": {"id": str(order["id"])}}})
+                      for n in range(100)]
+        await loop.sock_sendall(sock, b"".join([frame({"type": "connection_init", "payload": {
+            "Authorization": f"Bearer {token(staff=True)}"}}), *subscribes]))
+        async with asyncio.timeout(10):
+            while hub.count < 100:
+                await asyncio.sleep(0.02)
+        for status in ("PAID", "SHIPPED", "DELIVERED"):
+            await patch(shop, order["id"], status)
+        async with asyncio.timeout(10):
+            while hub.count:  # released while the client reads nothing (the socket's buffers are a few KiB)
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            while b"slow consumer" not in received:  # the close frame, after what was in the buffers
+                received += await loop.sock_recv(sock, 65536)
+        sock.close()
+    close = received.rindex(b"\x88")  # the close frame: its size, the code, then the reason
+    assert int.from_bytes(received[close + 2:close + 4], "big") == 4008
+    assert b"slow consumer" in received[close:]
+    assert received.count(b'"type":"next"') < 400  # 100 first states + 3 x 100 changes were due
+
+
+async def test_the_gateway_stopping_closes_websockets_with_1001_and_completes_sse_streams(shop: Shop) -> None:
+    """The lifespan's end: the WebSocket is closed with 1001 (going away), the SSE stream ends with `complete`."""
+    from bookvault import create_app
+    from shop import settings_for
+
+    order = await order_of(shop, "PLACED")
+    bearer = token(order["customerId"])
+    app = create_app(settings_for(shop), transports=shop.transports)
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    try:
+        async with authenticated(app) as served, on_a_real_port(served) as url, \
+                WsClient.connect(url, bearer) as ws, sse(url, ORDER, bearer, id=str(order["id"])) as events:
+            await ws.subscribe("1", ORDER, id=str(order["id"]))
+            await ws.receive()
+            await next_event(events)
+            await lifespan.__aexit__(None, None, None)
+            lifespan = None
+            assert (await next_event(events))[0] == "complete"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.receive()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    finally:
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)
