@@ -38,4 +38,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("BOOKVAULT_LIVE_BENCH_PROFILE"):  # a cProfile of the gateway, written at exit
+        import cProfile
+        import signal
+
+        profile = cProfile.Profile()
+        signal.signal(signal.SIGTERM, lambda *_: (profile.disable(), profile.dump_stats(os.environ["BOOKVAULT_LIVE_BENCH_PROFILE"]), os._exit(0)))
+        profile.enable()
     main()

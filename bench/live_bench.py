@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=2000)
     parser.add_argument("--orders", type=int, default=10)
     args = parser.parse_args()
-    env = {"BOOKVAULT_LIVE_MAX": str(args.subscribers + 100), "BOOKVAULT_LIVE_BENCH_SECRET": SECRET}
+    env = {"BOOKVAULT_LIVE_MAX": str(args.subscribers + 100), "BOOKVAULT_LIVE_BENCH_SECRET": SECRET,
+           **{k: v for k, v in __import__("os").environ.items() if k == "BOOKVAULT_LIVE_BENCH_PROFILE"}}
     with Stack(env=env) as stack:
         stack.children["gateway"].argv = [sys.executable, str(Path(__file__).with_name("_live_gateway.py"))]
         stack.kill("gateway")

@@ -33,6 +33,7 @@ from .hub import LiveHub
 from .live import LIVE, Live
 from .live_sse import serve_sse, wants_events
 from .live_ws import serve_websocket
+from .outbox import heartbeats
 from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
 from .persisted import QueryStore, TrustedDocuments
 from .resilience import BreakerState, Resilience
@@ -179,6 +180,7 @@ def create_app(
         source = EntitySource(upstream, cache, cache_policies, SingleFlight())
         live = LiveHub(schema._schema, source, live_fields, limit=settings.live_max, deadline=settings.resilience.deadline)
         live.start()
+        beating = asyncio.create_task(heartbeats(settings.live_heartbeat), name="live-heartbeats")
         feeds = None
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
@@ -199,6 +201,7 @@ def create_app(
             yield
         finally:
             await live.close()  # first: subscribers are told (1001, complete) while the services still answer
+            beating.cancel()
             if limits is not None:
                 limits.cancel()
             if listening is not None:

@@ -25,7 +25,7 @@ from .auth import caller_of
 from .errors import GatewayError
 from .hub import Subscription
 from .live import prepare
-from .outbox import HEARTBEAT, Outbox
+from .outbox import Outbox
 from .persisted import PersistedQueryError
 from .state import gateway_state
 from .view import GraphQLView, RequestError, _capped, _read, format_errors
@@ -102,7 +102,7 @@ async def serve_sse(view: GraphQLView, scope: Scope, receive: Receive, send: Sen
     await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
     gone = asyncio.create_task(_disconnected(receive))
     gone.add_done_callback(lambda _: outbox.end())  # a client that left: stop at once
-    sink.streaming = asyncio.create_task(_stream(outbox, send, view.settings.live_heartbeat))
+    sink.streaming = asyncio.create_task(_stream(outbox, send))
     try:
         await asyncio.gather(sink.streaming, return_exceptions=True)
     finally:
@@ -113,12 +113,11 @@ async def serve_sse(view: GraphQLView, scope: Scope, receive: Receive, send: Sen
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _stream(outbox: Outbox, send: Send, heartbeat: float) -> None:
-    async def body(chunk: bytes) -> None:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    while (message := await outbox.get(heartbeat)) is not None:
-        await outbox.send(body, message or b":\n\n")
+async def _stream(outbox: Outbox, send: Send) -> None:
+    while (message := await outbox.get()) is not None:
+        outbox.sending = True
+        await send({"type": "http.response.body", "body": message or b":\n\n", "more_body": True})
+        outbox.sending = False
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -25,7 +25,7 @@ from .config import Settings
 from .errors import GatewayError
 from .hub import LiveHub, Subscription
 from .live import prepare
-from .outbox import HEARTBEAT, Outbox
+from .outbox import Outbox
 from .state import gateway_state
 from .view import GraphQLView, format_errors
 
@@ -105,13 +105,12 @@ class _Connection:
                     await asyncio.wait_for(self.websocket.close(*self.closing), _CLOSE_TIMEOUT)
 
     async def _write(self) -> None:
-        while (message := await self.outbox.get(self.settings.live_heartbeat)) is not None:
-            if message == HEARTBEAT:
-                message = b'{"type":"ping"}'  # keeps idle connections open through proxies
-            await self.outbox.send(self._send, message)
-
-    async def _send(self, message: bytes) -> None:
-        await self.websocket.send_text(message.decode())
+        outbox, websocket = self.outbox, self.websocket
+        while (message := await outbox.get()) is not None:
+            outbox.sending = True
+            # An idle connection gets a ping (its client answers pong): proxies keep it open.
+            await websocket.send_text(message.decode() if message else '{"type":"ping"}')
+            outbox.sending = False
 
     async def _read(self) -> None:
         with contextlib.suppress(WebSocketDisconnect):
