@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -22,15 +22,21 @@ from live_auth import SECRET, authenticated
 ORDER = "subscription($id: ID!) { orderUpdated(id: $id) { id status version customer { name } } }"
 
 
-async def order_of(shop: Shop, status: str) -> dict[str, Any]:
-    """An order in `status` from the seeded data."""
+async def orders_where(shop: Shop, count: int, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The first `count` orders of the seeded data that `keep` accepts."""
+    found: list[dict[str, Any]] = []
     async with shop.client("orders") as client:
         for start in range(1, 5000, 100):
-            found = (await client.get("/orders", params={"ids": ",".join(map(str, range(start, start + 100)))})).json()
-            for order in found["data"]:
-                if order["status"] == status:
-                    return order
-    raise AssertionError(f"no {status} order in the seeded data")
+            page = (await client.get("/orders", params={"ids": ",".join(map(str, range(start, start + 100)))})).json()
+            found += [o for o in page["data"] if keep(o)]
+            if len(found) >= count:
+                return found[:count]
+    raise AssertionError("not enough such orders in the seeded data")
+
+
+async def order_of(shop: Shop, status: str) -> dict[str, Any]:
+    """An order in `status` from the seeded data."""
+    return (await orders_where(shop, 1, lambda o: o["status"] == status))[0]
 
 
 async def patch(shop: Shop, order_id: int, status: str) -> int:
@@ -167,14 +173,7 @@ async def test_two_hundred_subscribers_of_one_order_cost_one_batched_read_per_ch
 
 async def test_a_burst_of_twenty_changes_arrives_in_order_without_duplicates(shop: Shop) -> None:
     """Twenty PATCHes over seven orders in a row: each subscription sees its versions strictly rise to the last one."""
-    orders = []
-    async with shop.client("orders") as client:
-        for start in range(1, 5000, 100):
-            page = (await client.get("/orders", params={"ids": ",".join(map(str, range(start, start + 100)))})).json()
-            orders += [o for o in page["data"] if o["status"] == "PLACED"]
-            if len(orders) >= 7:
-                break
-    orders = orders[:7]
+    orders = await orders_where(shop, 7, lambda o: o["status"] == "PLACED")
     steps = [(o["id"], s) for s in ("PAID", "SHIPPED", "DELIVERED") for o in orders][:20]
     async with live(shop) as (url, _), WsClient.connect(url, token(staff=True)) as ws:
         for o in orders:
@@ -296,3 +295,48 @@ async def test_the_gateway_stopping_closes_websockets_with_1001_and_completes_ss
     finally:
         if lifespan is not None:
             await lifespan.__aexit__(None, None, None)
+
+
+async def test_my_orders_updated_sends_the_callers_orders_and_nobody_elses(shop: Shop) -> None:
+    """myOrdersUpdated: a change to one of the caller's orders arrives; a change to another customer's does not."""
+    mine = await order_of(shop, "PLACED")
+    other = (await orders_where(shop, 1, lambda o: o["status"] == "PLACED" and o["customerId"] != mine["customerId"]))[0]
+    query = "subscription { myOrdersUpdated { id status version } }"
+    async with live(shop) as (url, app), WsClient.connect(url, token(mine["customerId"])) as ws:
+        await ws.subscribe("mine", query)
+        async with asyncio.timeout(10):
+            while not app.state.gateway.live.count:  # registered (it sends no first state)
+                await asyncio.sleep(0.01)
+        await patch(shop, other["id"], "PAID")
+        version = await patch(shop, mine["id"], "PAID")
+        message = await ws.receive()
+        assert message["payload"]["data"]["myOrdersUpdated"] == {"id": str(mine["id"]), "status": "PAID",
+                                                                 "version": version}
+
+
+async def test_limits_heartbeats_and_the_init_timeout(shop: Shop) -> None:
+    """Per connection: the third subscription is refused; per instance likewise; an idle socket gets pings; no connection_init: 4408."""
+    order = await order_of(shop, "PLACED")
+    bearer = token(order["customerId"])
+    async with live(shop, live_per_connection=2, live_max=3, live_heartbeat=0.2, live_init_timeout=0.5) as (url, _):
+        async with WsClient.connect(url, bearer) as ws:
+            for n in ("1", "2", "3"):
+                await ws.subscribe(n, ORDER, id=str(order["id"]))
+            answers = [await ws.receive() for _ in range(3)]
+            refused = [a for a in answers if a["type"] == "error"]
+            assert [(a["id"], a["payload"][0]["extensions"]["code"]) for a in refused] == [("3", "TOO_MANY_SUBSCRIPTIONS")]
+            async with asyncio.timeout(5):  # silence: the server pings
+                while json.loads(await ws.connection.recv())["type"] != "ping":
+                    pass
+            async with WsClient.connect(url, bearer) as second:
+                await second.subscribe("a", ORDER, id=str(order["id"]))
+                assert (await second.receive())["type"] == "next"  # the instance's third
+                async with sse(url, ORDER, bearer, id=str(order["id"])) as events:
+                    event, data = await next_event(events)
+                    assert data["errors"][0]["extensions"]["code"] == "TOO_MANY_SUBSCRIPTIONS"
+        async with websockets.connect(url.replace("http", "ws") + "/graphql", subprotocols=["graphql-transport-ws"]) as idle:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await idle.recv()  # pings, then the close
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
