@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import Request, Route, async_playwright
 
+from gateway.auth import mint
+from live_auth import SECRET, authenticated
 from shop import Shop, on_a_real_port, running_gateway
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (never `playwright install`)
@@ -31,7 +33,8 @@ async def gateway_on_a_port(shop: Shop) -> AsyncIterator[str]:
     async with contextlib.AsyncExitStack() as stack:
         urls = {name: await stack.enter_async_context(on_a_real_port(app)) for name, app in shop.apps.items()}
         _, app = await stack.enter_async_context(running_gateway(shop, urls=urls))
-        yield await stack.enter_async_context(on_a_real_port(app))
+        served = await stack.enter_async_context(authenticated(app))
+        yield await stack.enter_async_context(on_a_real_port(served))
 
 
 async def _set_editor(page, selector: str, text: str) -> None:
@@ -94,6 +97,46 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
     assert blocked == [] and problems == []
     assert {urlsplit(r.url).hostname for r in requests} == {"127.0.0.1"}
     assert {urlsplit(r.url).path for r in requests if r.method == "GET"} >= {"/graphql", "/graphiql/assets/graphiql-3.8.3/graphiql.min.js"}
+
+
+async def test_graphiql_runs_a_subscription_over_its_websocket_and_shows_each_change(shop):
+    """In chromium, GraphiQL runs orderUpdated with the Headers tab's token (sent in connection_init): the order, then its new status after a PATCH."""
+    async with shop.client("orders") as orders:
+        order = (await orders.get("/orders/4850")).json()
+    problems: list[str] = []
+    sockets: list[str] = []
+    query = "subscription($id: ID!) { orderUpdated(id: $id) { id status version } }"
+    result_text = """() => { const cm = document.querySelector('.result-window .CodeMirror');
+                             const text = cm && cm.CodeMirror.getValue(); return text && text.includes('"data"') && text; }"""
+    async with gateway_on_a_port(shop) as url, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"{url}/graphql")
+            await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
+            await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', query)
+            await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"id": "4850"}))
+            await page.get_by_role("button", name="Headers").click()
+            bearer = mint(SECRET, "staff", scopes=["staff"])
+            await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"Authorization": f"Bearer {bearer}"}))
+            await page.click(".graphiql-execute-button")
+            first = json.loads(await (await page.wait_for_function(result_text, timeout=20_000)).json_value())
+            status = {"PLACED": "PAID", "PAID": "SHIPPED", "SHIPPED": "DELIVERED"}[order["status"]]
+            async with shop.client("orders") as orders:
+                (await orders.patch("/orders/4850", json={"status": status})).raise_for_status()
+            changed = await page.wait_for_function(
+                f"() => {{ const t = ({result_text})(); return t && t.includes('{status}') && t; }}", timeout=20_000)
+            second = json.loads(await changed.json_value())
+        finally:
+            await browser.close()
+    assert first["data"]["orderUpdated"] == {"id": "4850", "status": order["status"], "version": order["version"]}
+    assert second["data"]["orderUpdated"] == {"id": "4850", "status": status, "version": order["version"] + 1}
+    assert [urlsplit(s).path for s in sockets] == ["/graphql"] and urlsplit(sockets[0]).scheme == "ws"
+    assert problems == []
 
 
 @pytest.fixture(autouse=True)
