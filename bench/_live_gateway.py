@@ -1,4 +1,4 @@
-"""`bookvault gateway` for bench/live_bench.py, with bearer tokens verified for subscribers:
+"""`bookvault gateway` for bench/live_bench.py (and a stop test), with bearer tokens verified:
 until the gateway's own authentication middleware is wired, this stands in for it (HS256,
 the secret in BOOKVAULT_LIVE_BENCH_SECRET). Run as a script; uvicorn as the CLI runs it."""
 
@@ -11,10 +11,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import uvicorn  # noqa: E402
-
 from bookvault.app import create_app  # noqa: E402
 from gateway import Settings  # noqa: E402
+from gateway.serve import serve  # noqa: E402
 from live_auth import SECRET, authenticated  # noqa: E402
 
 
@@ -34,7 +33,7 @@ def main() -> None:
         await served(scope, receive, send)
 
     assert os.environ.get("BOOKVAULT_LIVE_BENCH_SECRET", SECRET) == SECRET
-    uvicorn.run(asgi, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
+    serve(app, asgi, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 if __name__ == "__main__":

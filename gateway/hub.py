@@ -53,6 +53,9 @@ class Sink(Protocol):
     def end(self, error: GatewayError | None) -> None:
         """The hub ends the subscription: an error (FORBIDDEN...), or None when the gateway stops."""
 
+    async def closed(self) -> None:
+        """Until the transport has sent what `end` queued and closed (1001, `complete`)."""
+
 
 @dataclass(eq=False)
 class Subscription:
@@ -164,15 +167,20 @@ class LiveHub:
             if not index[at]:
                 del index[at]
 
-    async def close(self) -> None:
-        """The gateway stops: every subscription ends (WebSocket 1001, SSE complete)."""
+    async def close(self, wait: float = 2.0) -> None:
+        """The gateway stops: every subscription ends (WebSocket 1001, SSE complete), and the
+        transports are given `wait` seconds to say so before the server closes connections."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        sinks = []
         for group in list(self._groups.values()):
             for subscription in list(group.subscriptions):
                 self.leave(subscription)
                 subscription.sink.end(None)
+                sinks.append(subscription.sink)
+        if sinks:
+            await asyncio.wait([asyncio.ensure_future(sink.closed()) for sink in sinks], timeout=wait)
 
     def _group_id(self, subscription: Subscription) -> tuple[Any, ...]:
         feed = subscription.feed

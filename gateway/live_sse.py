@@ -69,6 +69,10 @@ class _Sink:
             self.outbox.put(_next(_errors([GraphQLError(str(error), extensions=error.extensions)])), last=False)
         self.outbox.put(COMPLETE, last=True)
 
+    async def closed(self) -> None:
+        if self.streaming is not None:
+            await asyncio.wait([self.streaming])
+
 
 def _errors(errors: list[GraphQLError]) -> bytes:
     return orjson.dumps({"errors": format_errors(errors)})

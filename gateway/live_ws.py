@@ -57,6 +57,9 @@ class _Sink:
             self.connection.subscriptions.pop(self.id, None)
             self.connection.queue(_error(self.id, [GraphQLError(str(error), extensions=error.extensions)]))
 
+    async def closed(self) -> None:
+        await self.connection.finished.wait()
+
 
 class _Connection:
     def __init__(self, websocket: WebSocket, view: GraphQLView, hub: LiveHub, settings: Settings) -> None:
@@ -68,6 +71,7 @@ class _Connection:
         self.closing: tuple[int, str] | None = None
         self.closed = asyncio.Event()
         self.starting: set[asyncio.Task[None]] = set()
+        self.finished = asyncio.Event()  # the connection is closed
 
     def queue(self, message: bytes) -> bool:
         if self.outbox.put(message):
@@ -103,6 +107,7 @@ class _Connection:
             if self.closing is not None:
                 with contextlib.suppress(Exception):  # the peer may be gone, or not reading
                     await asyncio.wait_for(self.websocket.close(*self.closing), _CLOSE_TIMEOUT)
+            self.finished.set()
 
     async def _write(self) -> None:
         outbox, websocket = self.outbox, self.websocket

@@ -26,6 +26,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(app: Starlette, **options: Any) -> None:
-    """`uvicorn.run(app, **options)`, subscribers told first."""
-    _Server(uvicorn.Config(app, **options), app).run()
+def serve(app: Starlette, asgi: Any = None, **options: Any) -> None:
+    """`uvicorn.run(app, **options)`, subscribers told first; `asgi` is served instead of
+    `app` when given (`app` wrapped in middleware)."""
+    _Server(uvicorn.Config(asgi or app, **options), app).run()

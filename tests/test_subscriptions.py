@@ -340,3 +340,46 @@ async def test_limits_heartbeats_and_the_init_timeout(shop: Shop) -> None:
                     while True:
                         await idle.recv()  # pings, then the close
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+
+
+async def test_stopping_the_gateway_process_tells_subscribers_before_connections_drain(shop: Shop) -> None:
+    """SIGTERM on a gateway process (as `bookvault gateway` runs it): 1001 on the WebSocket, `complete` on SSE, exit soon after."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    order = await order_of(shop, "PLACED")
+    bearer = token(order["customerId"])
+    runner = Path(__file__).resolve().parent.parent / "bench" / "_live_gateway.py"
+    async with contextlib.AsyncExitStack() as stack:
+        urls = {name: await stack.enter_async_context(on_a_real_port(app)) for name, app in shop.apps.items()}
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = os.environ | {f"BOOKVAULT_{n.upper()}_URL": u for n, u in urls.items()} | {"BOOKVAULT_PORT": str(port)}
+        process = await asyncio.create_subprocess_exec(sys.executable, str(runner), env=env, start_new_session=True,
+                                                       stderr=asyncio.subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient() as client, asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get(f"{url}/healthz")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.1)
+            async with WsClient.connect(url, bearer) as ws, sse(url, ORDER, bearer, id=str(order["id"])) as events:
+                await ws.subscribe("1", ORDER, id=str(order["id"]))
+                await ws.receive()
+                await next_event(events)
+                process.send_signal(signal.SIGTERM)
+                assert (await next_event(events))[0] == "complete"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.receive()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            # uvicorn re-raises the signal it stopped on once it has stopped: -SIGTERM is a clean exit.
+            assert await asyncio.wait_for(process.wait(), 10) in (0, -signal.SIGTERM)
+        finally:
+            if process.returncode is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
