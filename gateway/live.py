@@ -13,7 +13,7 @@ subscribers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from .documents import Document
 from .errors import BadUserInput, GatewayError
 from .plan import Plan
 from .relations import int_id
-from .source import Binding
+from .source import Binding, Reader
 
 if TYPE_CHECKING:
     from .view import GraphQLView
@@ -53,13 +53,16 @@ class Live:
     `arg`, or (`arg` None) every one whose `owner` attribute is the caller's customer.
     `related` bindings are cached under the followed entity's key (a payment under its
     order's id, `Binding.feed_key`): their events change what the subscriber sees too.
-    `query_field` is the Query field that reads one such entity by its `id` argument."""
+    `query_field` is the Query field that reads one such entity by its `id` argument.
+    `current` (caller-wide subscriptions): the keys of the customer's entities its first
+    messages show, read through the hub's reader."""
 
     binding: Binding
     query_field: str
     owner: str
     arg: str | None = None
     related: tuple[Binding, ...] = ()
+    current: Callable[[Reader, int], Awaitable[list[int]]] | None = None
 
     def metadata(self) -> dict[str, Live]:
         return {LIVE: self}

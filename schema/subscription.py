@@ -9,10 +9,23 @@ from collections.abc import AsyncGenerator
 import strawberry
 
 from gateway.live import Live, follow
+from gateway.source import Reader, Stale
 
-from .types import ORDER, PAYMENT, SHIPMENT, Ctx, Order
+from .types import ORDER, ORDER_PAGES, PAYMENT, SHIPMENT, Ctx, Order
 
 __all__ = ["Subscription"]
+
+RECENT = 20  # orders myOrdersUpdated starts with
+
+
+async def recent_orders(reader: Reader, customer: int) -> list[int]:
+    """The customer's latest orders (their first page), oldest first: myOrdersUpdated's first messages."""
+    page = (await reader.read(ORDER_PAGES, [customer], f"&limit={RECENT}"))[customer]
+    if isinstance(page, Exception):
+        raise page
+    if isinstance(page, Stale):
+        page = page.value
+    return [int(edge.node.id) for edge in reversed(page.edges)]
 
 
 @strawberry.type
@@ -25,8 +38,10 @@ class Subscription:
             yield order
 
     @strawberry.subscription(
-        description="Each of the caller's orders when it, its payment or its shipment changes.",
-        metadata=Live(ORDER, "order", owner="customer_id", related=(PAYMENT, SHIPMENT)).metadata())
+        description=f"The caller's {RECENT} latest orders now, oldest first, then each of the caller's orders "
+                    "when it, its payment or its shipment changes.",
+        metadata=Live(ORDER, "order", owner="customer_id", related=(PAYMENT, SHIPMENT),
+                      current=recent_orders).metadata())
     async def my_orders_updated(self, info: Ctx) -> AsyncGenerator[Order | None, None]:
         async for order in follow(info):
             yield order

@@ -298,15 +298,16 @@ async def test_the_gateway_stopping_closes_websockets_with_1001_and_completes_ss
 
 
 async def test_my_orders_updated_sends_the_callers_orders_and_nobody_elses(shop: Shop) -> None:
-    """myOrdersUpdated: a change to one of the caller's orders arrives; a change to another customer's does not."""
+    """myOrdersUpdated: the caller's latest orders first (oldest first), then a change to one of theirs; another customer's change never."""
     mine = await order_of(shop, "PLACED")
     other = (await orders_where(shop, 1, lambda o: o["status"] == "PLACED" and o["customerId"] != mine["customerId"]))[0]
+    async with shop.client("orders") as client:
+        latest = (await client.get("/orders", params={"customerId": mine["customerId"], "limit": 20})).json()["data"]
     query = "subscription { myOrdersUpdated { id status version } }"
-    async with live(shop) as (url, app), WsClient.connect(url, token(mine["customerId"])) as ws:
+    async with live(shop) as (url, _), WsClient.connect(url, token(mine["customerId"])) as ws:
         await ws.subscribe("mine", query)
-        async with asyncio.timeout(10):
-            while not app.state.gateway.live.count:  # registered (it sends no first state)
-                await asyncio.sleep(0.01)
+        firsts = [(await ws.receive())["payload"]["data"]["myOrdersUpdated"] for _ in latest]
+        assert [f["id"] for f in firsts] == [str(o["id"]) for o in reversed(latest)]
         await patch(shop, other["id"], "PAID")
         version = await patch(shop, mine["id"], "PAID")
         message = await ws.receive()
