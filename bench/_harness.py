@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from gateway.auth import mint
 from gateway.config import DEFAULT_PORTS
 from mock_services.runner import Child, _stop_all, _wait_ready, service_children
 
@@ -45,6 +46,18 @@ SERVICES = tuple(DEFAULT_PORTS)
 _NOT_INHERITED = ("BOOKVAULT_", "REDIS_URL", "OTEL_")  # customers, catalog, inventory, orders, payments, shipping
 # Not the work of a query: the gateway's change-feed long polls, and readiness checks.
 EXCLUDED_ROUTES = frozenset({"/events", "/healthz"})
+# The benches' gateways verify HS256 tokens signed with this (README, "Callers").
+BENCH_SECRET = "bookvault-bench-" + "0123456789abcdef" * 2
+
+
+def bearer(customer: int | None = None, *, subject: str | None = None) -> dict[str, str]:
+    """The Authorization header of customer `customer`, or of staff (every customer's data)."""
+    subject = subject or (f"customer-{customer}" if customer is not None else "staff")
+    scopes = [] if customer is not None else ["staff"]
+    return {"authorization": f"Bearer {mint(BENCH_SECRET, subject, customer=customer, scopes=scopes)}"}
+
+
+STAFF = bearer()
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -103,7 +116,7 @@ class Stack:
         # The caller's BOOKVAULT_*, REDIS_URL and OTEL_* settings are not inherited: a bench
         # states what it runs with (`env`), and never shares a demo's Redis or collector.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
-        self.env = {**inherited, **(env or {}), "BOOKVAULT_HOST": host, "BOOKVAULT_PORT": str(gateway_port),
+        self.env = {**inherited, "BOOKVAULT_JWT_SECRET": BENCH_SECRET, **(env or {}), "BOOKVAULT_HOST": host, "BOOKVAULT_PORT": str(gateway_port),
                     "BOOKVAULT_DATA_DIR": str(self.workdir / "data")}
         for name, url in self.service_urls.items():
             self.env[f"BOOKVAULT_{name.upper()}_URL"] = url
@@ -266,11 +279,11 @@ def _failure(response: httpx.Response, root: str) -> str | None:
 
 async def post_graphql(client: httpx.AsyncClient, url: str, payload: dict[str, Any], root: str, tally: Tally,
                        headers: Mapping[str, str] | None = None) -> None:
-    """POST one GraphQL request; its latency and outcome go to `tally` (`root`: the top-level
-    field that must not be null)."""
+    """POST one GraphQL request (as staff unless `headers` say who); its latency and outcome go
+    to `tally` (`root`: the top-level field that must not be null)."""
     started = time.perf_counter()
     try:
-        response = await client.post(url, json=payload, headers=headers)
+        response = await client.post(url, json=payload, headers=STAFF if headers is None else headers)
         problem = _failure(response, root)
     except httpx.HTTPError as exc:
         problem = f"{type(exc).__name__}"

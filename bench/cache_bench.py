@@ -5,7 +5,7 @@
 Starts the six services (--admin, fresh temp data dir) and the gateway on free ports,
 injects the same latency into every service, and runs schema/examples/order_history.graphql
 for customers 1..N (default 50), each request as that customer
-(`authorization: Bearer user-<id>`), so private types (customer, order, payment, shipment)
+(a token of customer-<id>), so private types (customer, order, payment, shipment)
 are cached per caller and public ones (book, author, stock) shared. Five configurations:
 
   L1 cold        a freshly started gateway, memory cache only: one sequential pass
@@ -47,15 +47,14 @@ import httpx
 import redis
 import redis.asyncio
 
-from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, calls_per_query, clear_stats, cpu_seconds, peak_rss_kib,
-                      post_graphql, set_faults, summary, ttl_env, upstream_calls)
+from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, bearer, calls_per_query, clear_stats, cpu_seconds,
+                      peak_rss_kib, post_graphql, set_faults, summary, ttl_env, upstream_calls)
 from gateway.cache import FORMAT
 from gateway.config import DEFAULT_PORTS
 from schema import BINDINGS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.json"
 QUERY_FILE = REPO / "schema" / "examples" / "order_history.graphql"
-IDENTITY_HEADER = "authorization"
 CLIENT_TIMEOUT = 10.0
 NEAR_ZERO = 0.05  # upstream calls per query that count as "none"
 SERVICES = tuple(DEFAULT_PORTS)
@@ -65,7 +64,7 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def caller(customer: int | str) -> dict[str, str]:
-    return {IDENTITY_HEADER: f"Bearer user-{customer}"}
+    return bearer(customer)
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -216,7 +215,7 @@ async def run(stack: Stack, args: argparse.Namespace, namespace: str | None) -> 
         await cold_and_warm("L1", with_redis=False)
         # Private data is per caller: a caller never seen before misses what customer 1's
         # own requests cached, then hits it on its second request; public data it shares.
-        other = {IDENTITY_HEADER: "Bearer someone-else"}
+        other = bearer(subject="someone-else")
         probes = {}
         for name in ("first", "second"):
             probes[name] = await measured(client, stack, False, lambda: _one(client, stack, text, 1, other))
@@ -331,7 +330,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, stack_info: dict[s
                 for b in BINDINGS if b.policy is not None}
     out: dict[str, Any] = {
         "config": {"query": str(QUERY_FILE.relative_to(REPO)), "customers": f"1..{args.customers}",
-                   "identity": f"{IDENTITY_HEADER}: Bearer user-<customerId>", "latency_ms": args.latency_ms,
+                   "identity": "authorization: Bearer <token of customer-<customerId>>", "latency_ms": args.latency_ms,
                    "duration_s": args.duration, "concurrency": args.concurrency, "cache_policies": policies,
                    "excluded_routes": sorted(EXCLUDED_ROUTES), "redis_url": args.redis_url if stack_info["namespace"] else None,
                    "redis_namespace": stack_info["namespace"]},
@@ -443,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         else:
             namespace = f"bvbench-{os.getpid()}-{secrets.token_hex(4)}"
-    env = {"BOOKVAULT_IDENTITY_HEADER": IDENTITY_HEADER, **(ttl_env(args.ttl) if args.ttl is not None else {})}
+    env = ttl_env(args.ttl) if args.ttl is not None else {}
     info: dict[str, Any] = {"namespace": namespace, "environment": {}}
     try:
         with Stack(env=env) as stack:

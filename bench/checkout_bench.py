@@ -38,7 +38,7 @@ import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import REPO, free_ports, summary  # noqa: E402
+from _harness import BENCH_SECRET, REPO, bearer, free_ports, summary  # noqa: E402
 
 NAMES = ("catalog", "inventory", "payments", "shipping", "orders")
 ADDRESS = {"name": "Ada", "street": "Keizersgracht 1", "city": "Amsterdam", "postalCode": "1015", "country": "NL"}
@@ -83,6 +83,7 @@ class Services:
 
     def start(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BOOKVAULT_", "REDIS_URL", "OTEL_"))}
+        env["BOOKVAULT_JWT_SECRET"] = BENCH_SECRET
         env |= {f"BOOKVAULT_{n.upper()}_URL": u for n, u in self.urls.items() if n != "gateway"}
         if name == "gateway":
             argv = [str(Path(sys.executable).parent / "bookvault"), "gateway"]
@@ -192,7 +193,7 @@ async def load_gateway(url: str, n: int, clients: int, run: str) -> tuple[list[f
             variables = {"key": f"{run}-{i}", "input": {
                 "items": [{"bookId": str(i % 50 + 1), "quantity": 1}], "shippingAddress": GQL_ADDRESS,
                 "paymentMethod": "card"}}
-            headers = {"Authorization": f"Bearer bench-{customer}", "X-Customer-Id": str(customer)}
+            headers = bearer(customer)
             start = time.perf_counter()
             try:
                 r = await client.post(f"{url}/graphql", json={"query": PLACE_ORDER, "variables": variables},

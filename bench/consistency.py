@@ -39,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import REPO, Stack, _bookvault_command, free_ports, percentile  # noqa: E402
+from bench._harness import REPO, Stack, _bookvault_command, bearer, free_ports, percentile  # noqa: E402
 from gateway.consistency import TOKEN_HEADER, Consistency  # noqa: E402
 from mock_services.runner import Child  # noqa: E402
 
@@ -140,7 +140,7 @@ async def load(stack: Stack, urls: list[str], args: argparse.Namespace) -> dict[
                 if rng.random() < 0.2:  # mixed load: an order page now and then
                     order = rng.randint(1, 5000)
                     await client.post(f"{url}/graphql", json={"query": ORDER_PAGE, "variables": {"id": str(order)}},
-                                      headers={"authorization": f"Bearer bench-{seed}"})
+                                      headers=bearer(subject=f"bench-{seed}"))
                     continue
                 book = rng.choice(BOOKS[:8])  # the hot books: most writes collide with reads
                 version, answered = await version_of(client, url, book, token if echo else None)

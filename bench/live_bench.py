@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _harness import BENCH_SECRET, Stack, cpu_seconds, percentile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from _harness import Stack, cpu_seconds, percentile  # noqa: E402
-from live_auth import SECRET  # noqa: E402
-
-from gateway.auth import mint  # noqa: E402
+from gateway.auth import mint
 
 QUERY = "subscription($id: ID!) { orderUpdated(id: $id) { id status version customer { name } } }"
 STEPS = ("PAID", "SHIPPED", "DELIVERED")
@@ -81,7 +76,7 @@ async def bench(stack: Stack, subscribers: int, orders_count: int) -> dict[str, 
         started = time.perf_counter()
         for n, sub in enumerate(subs):
             order = orders[n % len(orders)]
-            sub.task = asyncio.create_task(sub.run(host, int(port), order["id"], mint(SECRET, f"c{order['customerId']}",
+            sub.task = asyncio.create_task(sub.run(host, int(port), order["id"], mint(BENCH_SECRET, f"c{order['customerId']}",
                                                                                       customer=order["customerId"])))
             if n % 200 == 199:
                 await asyncio.sleep(0.05)  # let the gateway accept in waves
@@ -130,13 +125,7 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=2000)
     parser.add_argument("--orders", type=int, default=10)
     args = parser.parse_args()
-    env = {"BOOKVAULT_LIVE_MAX": str(args.subscribers + 100), "BOOKVAULT_LIVE_BENCH_SECRET": SECRET,
-           **{k: v for k, v in __import__("os").environ.items() if k == "BOOKVAULT_LIVE_BENCH_PROFILE"}}
-    with Stack(env=env) as stack:
-        stack.children["gateway"].argv = [sys.executable, str(Path(__file__).with_name("_live_gateway.py"))]
-        stack.kill("gateway")
-        stack.spawn("gateway")
-        stack.wait_ready(["gateway"])
+    with Stack(env={"BOOKVAULT_LIVE_MAX": str(args.subscribers + 100)}) as stack:
         print(json.dumps(asyncio.run(bench(stack, args.subscribers, args.orders)), indent=2))
 
 

@@ -39,11 +39,13 @@ sys.path.insert(0, str(ROOT / "tests"))  # the OTLP receiver the tests use
 from otlp_receiver import OtlpReceiver  # noqa: E402
 
 from bookvault import create_app  # noqa: E402
-from gateway import Settings
-from gateway.config import DEFAULT_PORTS, ServiceConfig  # noqa: E402
+from gateway import Settings  # noqa: E402
+from gateway.auth import mint  # noqa: E402
+from gateway.config import DEFAULT_PORTS, JwtConfig, ServiceConfig  # noqa: E402
 from mock_services.runner import _wait_ready, service_children  # noqa: E402
 
 QUERY = (ROOT / "schema" / "examples" / "order_history.graphql").read_text()
+SECRET = "bookvault-bench-" + "0123456789abcdef" * 2  # tokens are verified (README, "Callers")
 CUSTOMERS = range(1, 201)  # rotated, so the services read different rows
 MODES = ["off", "on", "disabled"]
 OTEL = ("OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
@@ -87,10 +89,12 @@ async def gateway(urls: dict[str, str], mode: str, endpoint: str) -> Any:
         os.environ["OTEL_SDK_DISABLED"] = "true"
     elif mode == "on":
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
-    settings = Settings(services={name: ServiceConfig(name=name, url=url) for name, url in urls.items()})
+    settings = Settings(services={name: ServiceConfig(name=name, url=url) for name, url in urls.items()},
+                        jwt=JwtConfig(secret=SECRET))
     app = create_app(settings)
     async with app.router.lifespan_context(app):  # reads OTEL_* now
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30,
+                                     headers={"authorization": f"Bearer {mint(SECRET, 'staff', scopes=['staff'])}"}) as client:
             yield app, client
 
 

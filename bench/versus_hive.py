@@ -22,7 +22,7 @@ Per gateway and case: upstream calls per request (the services' /_admin/stats, b
 and /healthz), requests per second, p50/p99 latency, gateway CPU ms per request (/proc CPU
 time of the gateway's PID over the measured rounds), peak RSS (VmHWM), the bench client's
 own CPU per request (it must not be what limits one gateway more than the other), and the
-ratios BookVault/Hive. Every request sends `authorization: Bearer user-<customerId>`, the
+ratios BookVault/Hive. Every request sends a token (`authorization: Bearer ...`) of the
 customer whose data it reads: BookVault caches private data per caller, never for
 anonymous ones (README, "The versioned cache"); Hive ignores it.
 
@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, clear_stats, cpu_seconds, free_ports, peak_rss_kib,
+from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, bearer, clear_stats, cpu_seconds, free_ports, peak_rss_kib,
                       percentile, post_graphql, set_faults, ttl_env, upstream_calls)
 from _hive import HiveGateway, compose_supergraph, ensure_installed, installed_versions
 from mock_services.demo_data import shop
@@ -96,7 +96,7 @@ class Query:
     def request(self, i: str, side: str) -> tuple[dict[str, Any], dict[str, str]]:
         """The payload and headers asking `side` for id `i`, as the customer it belongs to."""
         text = self.hive if side == HIVE else self.bookvault
-        return {"query": text, "variables": {"id": i}}, {"authorization": f"Bearer user-{self.customer_of[i]}"}
+        return {"query": text, "variables": {"id": i}}, bearer(self.customer_of[i])
 
     def payloads(self, mix: str, side: str) -> list[tuple[dict[str, Any], dict[str, str]]]:
         return [self.request(i, side) for i in ([self.one] if mix == "one" else self.many)]

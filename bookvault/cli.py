@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
+from pathlib import Path
 
 from gateway.config import Settings
+
+SECRET_FILE = "jwt-secret"  # in the data directory: the demo's HS256 secret, kept across restarts
 
 
 def _services(args: argparse.Namespace, settings: Settings):  # type: ignore[no-untyped-def]
@@ -13,6 +18,36 @@ def _services(args: argparse.Namespace, settings: Settings):  # type: ignore[no-
 
     urls = {name: svc.url for name, svc in settings.services.items()}
     return service_children(urls, args.data_dir or settings.data_dir, args.scale, args.admin)
+
+
+def demo_secret(data_dir: str, create: bool) -> str | None:
+    """The demo's token secret: made once (256 random bits) and kept beside its data, so
+    `bookvault token` signs what the running demo verifies."""
+    path = Path(data_dir) / SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.auth import mint
+
+    secret = settings.jwt.secret or demo_secret(args.data_dir or settings.data_dir, create=False)
+    if not secret:
+        print("no secret: set BOOKVAULT_JWT_SECRET, or start `bookvault demo` once (it makes one)", file=sys.stderr)
+        return 1
+    if args.staff:
+        subject, customer, scopes = args.subject or "staff", args.customer, [settings.jwt.staff_scope]
+    else:
+        subject, customer, scopes = args.subject or f"customer-{args.customer}", args.customer, []
+    print(mint(secret, subject, customer=customer, scopes=scopes, ttl=args.ttl * 3600, config=settings.jwt))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--data-dir", help="where the services keep their SQLite files (default: ./data)")
         sub.add_argument("--admin", action="store_true", help="enable /_admin faults and stats on the services")
     commands.add_parser("gateway", help="start the gateway")
+    sub = commands.add_parser("token", help="print a signed token (HS256) for the demo: paste it into GraphiQL's "
+                                            "headers as {\"Authorization\": \"Bearer <token>\"}")
+    who = sub.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer", type=int, help="a token of this customer (sees only their own data)")
+    who.add_argument("--staff", action="store_true", help="a staff token (sees every customer's data)")
+    sub.add_argument("--subject", help="the token's subject (default: customer-<id> or staff)")
+    sub.add_argument("--ttl", type=float, default=24, help="hours until it expires (default 24)")
+    sub.add_argument("--data-dir", help="where the demo keeps its secret (default: ./data)")
     commands.add_parser("schema", help="print the GraphQL SDL")
     sub = commands.add_parser("manifest", help="write the trusted-documents manifest of schema/examples/ "
                                                "(Apollo's persisted-query manifest format)")
@@ -40,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         from mock_services.runner import Child, supervise
 
         url = f"http://{settings.host}:{settings.port}"
+        if not settings.jwt.secret and not settings.jwt.jwks_url:
+            # The gateway (a child process) inherits it: `bookvault token` signs with the same.
+            os.environ["BOOKVAULT_JWT_SECRET"] = demo_secret(args.data_dir or settings.data_dir, create=True) or ""
         gateway = Child("gateway", [sys.executable, "-m", "bookvault.cli", "gateway"], url, tier=1)
         return supervise(_services(args, settings) + [gateway], banner=f"GraphiQL: {url}/graphql  ")
     if args.command == "gateway":
@@ -55,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
               timeout_graceful_shutdown=grace)
         return 0
+    if args.command == "token":
+        return _token(args, settings)
     if args.command == "manifest":
         import json
         from pathlib import Path

@@ -15,12 +15,13 @@ import httpx
 import strawberry
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route, WebSocketRoute, websocket_session
 from starlette.types import ASGIApp, Receive, Scope, Send
 from strawberry.asgi import GraphQL
 
+from .auth import Authenticator, authentication
 from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
 from .consistency import Consistency
@@ -36,6 +37,7 @@ from .live_ws import serve_websocket
 from .outbox import heartbeats
 from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
 from .persisted import QueryStore, TrustedDocuments
+from .ratelimit import Limiter, RateLimitMiddleware
 from .resilience import BreakerState, Resilience
 from .source import Binding, EntitySource
 from .state import GatewayState, gateway_state
@@ -81,17 +83,31 @@ def lives(schema: strawberry.Schema) -> list[Live]:
 
 
 class _GraphQL:
-    """/graphql over HTTP: event streams (graphql-sse) to the live hub, the rest to the view
-    (the stream is not one request's span: its messages are the hub's work)."""
+    """/graphql over HTTP: event streams (graphql-sse) to `events`, the rest to `queries`."""
 
-    def __init__(self, view: GraphQLView, app: ASGIApp) -> None:
-        self.view, self.app = view, app
+    def __init__(self, events: ASGIApp, queries: ASGIApp) -> None:
+        self.events, self.queries = events, queries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if wants_events(scope) and scope["method"] in ("GET", "POST"):
-            await serve_sse(self.view, scope, receive, send)
+            await self.events(scope, receive, send)
         else:
-            await self.app(scope, receive, send)
+            await self.queries(scope, receive, send)
+
+
+class _EventStream:
+    """A graphql-sse request, served by the live hub (gateway/live_sse.py)."""
+
+    def __init__(self, view: GraphQLView) -> None:
+        self.view = view
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_sse(self.view, scope, receive, send)
+
+
+def _checked(app: ASGIApp) -> ASGIApp:
+    """Who is asking, then whether they may ask again so soon (gateway/auth.py, ratelimit.py)."""
+    return authentication(RateLimitMiddleware(app, _limiter), _authenticator)
 
 
 class _Strawberry(GraphQL):  # type: ignore[type-arg]
@@ -125,6 +141,14 @@ async def metrics(request: Request) -> Response:
 
 def _telemetry(scope: Scope) -> Telemetry:
     return scope["app"].state.gateway.telemetry
+
+
+def _authenticator(conn: HTTPConnection) -> Authenticator:
+    return gateway_state(conn).authenticator  # type: ignore[return-value]
+
+
+def _limiter(scope: Scope) -> Limiter | None:
+    return scope["app"].state.gateway.limiter
 
 
 def _observe(resilience: Resilience, telemetry: Telemetry) -> None:
@@ -194,9 +218,15 @@ def create_app(
         if feeds is not None:
             # Informational: until a feed has its cursor, that service's entries may be dropped.
             readiness += [ReadinessProbe("feeds", name, feeds.following(name)) for name in owned]
+        jwks = httpx.AsyncClient(timeout=settings.jwt.jwks_timeout, transport=(transports or {}).get("jwks")) \
+            if settings.jwt.jwks_url else None
+        authenticator = Authenticator(settings.jwt, jwks, clock=clock)
+        limiter = Limiter(settings.rate_limit, settings.redis_url, namespace=settings.cache_namespace,
+                          timeout=settings.redis_timeout)
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
-                                         readiness=readiness, limits=limits, consistency=consistency, live=live)
+                                         readiness=readiness, limits=limits, consistency=consistency,
+                                         authenticator=authenticator, limiter=limiter, live=live)
         try:
             yield
         finally:
@@ -210,6 +240,8 @@ def create_app(
             if feeds is not None:
                 await feeds.stop()
             await upstream.aclose()
+            await authenticator.aclose()
+            await limiter.aclose()
             if redis is not None:
                 await redis.close()
             await store.close()
@@ -224,15 +256,19 @@ def create_app(
     view = GraphQLView(schema, _Strawberry(schema), settings, store, trusted)
     app = Starlette(
         routes=[
-            Route("/graphql", _GraphQL(view, TelemetryMiddleware(view, _telemetry))),
-            WebSocketRoute("/graphql", serve_websocket),
+            # Who is asking, then whether they may ask again so soon, then the query
+            # (gateway/auth.py, gateway/ratelimit.py): a bad token or a caller over its
+            # budget is answered before the request is read. Subscriptions (event streams,
+            # WebSockets) pass the same two, not telemetry: a stream is not one request.
+            Route("/graphql", _GraphQL(_checked(_EventStream(view)), TelemetryMiddleware(_checked(view), _telemetry))),
+            WebSocketRoute("/graphql", _checked(websocket_session(serve_websocket))),
             Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/", home),
         ],
-        middleware=cors_middleware(settings.cors_origins, settings.identity_header),
+        middleware=cors_middleware(settings.cors_origins),
         lifespan=lifespan,
     )
     app.state.graphql = view  # its document cache and planner, for tests and benches

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .cors import parse_origins
 
-__all__ = ["ServiceConfig", "ResilienceConfig", "Settings", "DEFAULT_PORTS"]
+__all__ = ["ServiceConfig", "ResilienceConfig", "JwtConfig", "RateLimit", "Settings", "DEFAULT_PORTS"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_PORTS = {"customers": 8101, "catalog": 8102, "inventory": 8103, "orders": 8104, "payments": 8105, "shipping": 8106}
@@ -87,6 +87,50 @@ class ResilienceConfig:
 
 
 @dataclass(frozen=True)
+class JwtConfig:
+    """How bearer tokens are verified (gateway/auth.py; README, "Callers")."""
+
+    jwks_url: str | None = None
+    secret: str | None = None  # HS256; the demo's is generated (bookvault/cli.py)
+    issuer: str | None = None
+    audience: str | None = None
+    customer_claim: str = "customer_id"  # the claim naming the customer the caller acts as
+    scopes_claim: str = "scope"  # a space-separated string (RFC 8693 §4.2) or a list
+    staff_scope: str = "staff"  # the scope that may read every customer's data
+    leeway: float = 30.0  # seconds of clock skew allowed on exp, nbf and iat
+    jwks_timeout: float = 2.0  # seconds, for one JWKS fetch
+    jwks_refresh: float = 30.0  # at most one fetch per this many seconds for an unknown kid
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> JwtConfig:
+        return cls(
+            jwks_url=env.get("BOOKVAULT_JWT_JWKS_URL") or None,
+            secret=env.get("BOOKVAULT_JWT_SECRET") or None,
+            issuer=env.get("BOOKVAULT_JWT_ISSUER") or None,
+            audience=env.get("BOOKVAULT_JWT_AUDIENCE") or None,
+            customer_claim=env.get("BOOKVAULT_JWT_CUSTOMER_CLAIM") or cls.customer_claim,
+            scopes_claim=env.get("BOOKVAULT_JWT_SCOPES_CLAIM") or cls.scopes_claim,
+            staff_scope=env.get("BOOKVAULT_JWT_STAFF_SCOPE") or cls.staff_scope,
+            leeway=_float(env, "BOOKVAULT_JWT_LEEWAY_S", cls.leeway, zero_ok=True),
+            jwks_timeout=_float(env, "BOOKVAULT_JWT_JWKS_TIMEOUT_MS", cls.jwks_timeout * 1000) / 1000,
+        )
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Requests per second per caller (its verified subject, else its address), with a burst
+    (gateway/ratelimit.py). A rate of 0 turns the limit off."""
+
+    rate: float = 0.0
+    burst: int = 20
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RateLimit:
+        return cls(rate=_float(env, "BOOKVAULT_RATE_LIMIT", cls.rate, zero_ok=True),
+                   burst=int(_float(env, "BOOKVAULT_RATE_BURST", cls.burst)))
+
+
+@dataclass(frozen=True)
 class Settings:
     services: dict[str, ServiceConfig]
     host: str = "127.0.0.1"
@@ -99,7 +143,8 @@ class Settings:
     cache_max_keys: int = 50_000
     # entity -> (ttl seconds, max-stale seconds); None keeps the binding's default
     cache_overrides: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
-    identity_header: str = "authorization"
+    jwt: JwtConfig = field(default_factory=JwtConfig)  # who is asking (gateway/auth.py)
+    rate_limit: RateLimit = field(default_factory=RateLimit)
     feed_wait: float = 10.0
     follow_feeds: bool = True
     learn_limits: bool = True  # read each service's maxBatch from GET /_meta
@@ -163,7 +208,8 @@ class Settings:
             cache_namespace=env.get("BOOKVAULT_CACHE_NAMESPACE", "bv"),
             cache_max_keys=int(_float(env, "BOOKVAULT_CACHE_MAX_KEYS", 50_000)),
             cache_overrides=_cache_overrides(env),
-            identity_header=env.get("BOOKVAULT_IDENTITY_HEADER", "authorization").lower(),
+            jwt=JwtConfig.from_env(env),
+            rate_limit=RateLimit.from_env(env),
             feed_wait=_float(env, "BOOKVAULT_FEED_WAIT_S", 10),
             follow_feeds=env.get("BOOKVAULT_FOLLOW_FEEDS", "1") not in ("0", "false", "no"),
             resilience=ResilienceConfig.from_env(env),

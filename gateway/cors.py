@@ -32,7 +32,7 @@ def parse_origins(raw: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(origins))
 
 
-def cors_middleware(origins: Iterable[str], identity_header: str = "authorization") -> list[Middleware]:
+def cors_middleware(origins: Iterable[str]) -> list[Middleware]:
     """Starlette's CORSMiddleware (pure ASGI) for `origins`; nothing when there are none."""
     # Here, not at the top: config.py imports parse_origins, and these modules import config.
     from .resilience import DEADLINE_HEADER
@@ -42,7 +42,7 @@ def cors_middleware(origins: Iterable[str], identity_header: str = "authorizatio
     if not origins:
         return []
     headers = sorted({"accept", "authorization", "content-type", DEADLINE_HEADER.lower(), "traceparent",
-                      "tracestate", identity_header.lower()})
+                      "tracestate"})
     return [Middleware(
         CORSMiddleware,
         allow_origins=origins,

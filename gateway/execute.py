@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphql import GraphQLError, located_error
 from graphql.execution.values import VariableValues, get_argument_values
@@ -22,6 +22,9 @@ from .errors import GatewayError
 from .plan import LEAF, OBJECT, TYPENAME, Field, Group, Plan
 from .relations import read_pages
 from .source import Reader, Stale
+
+if TYPE_CHECKING:
+    from .auth import Caller
 
 __all__ = ["Fetched", "execute_plan"]
 
@@ -36,7 +39,7 @@ async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fe
                        ) -> tuple[dict[str, Any] | None, list[GraphQLError], list[dict[str, Any]]]:
     """`data`, the field errors and the stale entries served, for one operation. `fetched`:
     entities already read, not read again (a live update's shared read, gateway/hub.py)."""
-    run = _Run(variables)
+    run = _Run(variables, reader.caller)
     if fetched is not None:
         run.fetched = fetched
     await run.fetch(plan, reader)
@@ -45,8 +48,9 @@ async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fe
 
 
 class _Run:
-    def __init__(self, variables: VariableValues) -> None:
+    def __init__(self, variables: VariableValues, caller: Caller | None = None) -> None:
         self.variables = variables
+        self.caller = caller  # whose `me` it is
         self.fetched: Fetched = {}
         self.errors: list[GraphQLError] = []
         self.stale: list[dict[str, Any]] = []
@@ -96,7 +100,7 @@ class _Run:
         assert relation is not None
         try:
             if f.parent is None:
-                return relation.keys_from_args(self.args(f))
+                return relation.keys_from_args(self.args(f), self.caller)
             args = self.args(f) if f.field_def.args else {}  # type: ignore[union-attr]
             parent_keys = self.keys.get(id(f.parent), [])
             if f.same:
@@ -167,17 +171,17 @@ class _Run:
         relation = f.relation
         assert relation is not None
         found = self.fetched.get(id(relation.binding), {})
-        if relation.arg is None:
+        if relation.arg is None and not relation.mine:
             if relation.paged:
                 key = relation.key_from_parent(obj, self.args(f))
             else:
                 key = int(getattr(obj, relation.via))  # type: ignore[arg-type]
             value = found[key]
         else:
-            keys = relation.keys_from_args(self.args(f))
+            keys = relation.keys_from_args(self.args(f), self.caller)
             if relation.many:
                 return self.list(f, [found[k] for k in keys], path, answers=True)
-            value = found[keys[0]]
+            value = found[keys[0]] if keys else None
         if type(value) is Stale:
             value = self.unwrap(value, path)
         elif isinstance(value, Exception):

@@ -35,9 +35,9 @@ from .view import format_errors
 __all__ = ["LiveHub", "Sink", "Subscription", "TooManySubscriptions"]
 
 log = logging.getLogger("bookvault.live")
-# The hub reads as itself: private entries it caches are its own scope, and what it read
-# reaches a subscriber only after the owner check below.
-HUB_IDENTITY = "live-hub"
+# The hub reads as itself, with staff's reach: private entries it caches are its own
+# scope, and what it read reaches a subscriber only after the owner check below.
+HUB_CALLER = Caller("bookvault-live-hub", scopes=frozenset({"staff"}), staff=True)
 
 
 class TooManySubscriptions(GatewayError):
@@ -216,7 +216,7 @@ class LiveHub:
             self.rounds += 1
 
     def _reader(self) -> Reader:
-        return self.source.reader(HUB_IDENTITY, Deadline(self.deadline))
+        return self.source.reader(HUB_CALLER, Deadline(self.deadline))
 
     async def _round(self, binding: Binding, keys: list[int]) -> None:
         followed, owners = self._by_key[binding.entity], self._by_owner[binding.entity]

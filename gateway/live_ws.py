@@ -160,7 +160,7 @@ class _Connection:
             raw = payload.get("Authorization", payload.get("authorization"))
         token = bearer(raw) if isinstance(raw, str) else None
         if token is not None:
-            authenticator = getattr(gateway_state(self.websocket), "authenticator", None)
+            authenticator = gateway_state(self.websocket).authenticator
             try:
                 if not token or authenticator is None:
                     raise GatewayError("no bearer token this gateway can verify")

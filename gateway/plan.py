@@ -264,13 +264,17 @@ def _groups(root: tuple[Field, ...]) -> tuple[Group, ...]:
                 walk(parent, f.children, (*path, f))
             elif f.kind == RELATION_FIELD:
                 if parent is None:
-                    if f.relation.arg is None:  # type: ignore[union-attr]
+                    if f.relation.arg is None and not f.relation.mine:  # type: ignore[union-attr]
                         raise Unsupported  # keys from a parent that is no entity
                     place(f, 0, set())
                     continue
                 identity = parent.relation.binding.identity  # type: ignore[union-attr]
                 f.parent, f.path = parent, path
-                f.same = not path and identity is not None and f.relation.via == identity  # type: ignore[union-attr]
+                binding = f.relation.binding  # type: ignore[union-attr]
+                # Read beside its parent when its keys are the parent's own, unless it may be
+                # read only once the parent is shown to be the caller's (ARCHITECTURE.md, "Callers").
+                f.same = (not path and identity is not None and f.relation.via == identity  # type: ignore[union-attr]
+                          and not binding.through_parent)
                 if f.same:
                     place(f, level_of[id(parent)], needs[id(parent)])
                 else:

@@ -9,6 +9,7 @@ resolver calls `resolve`, which asks the same declaration for the keys.
     by foreign key               Order.payment      Relation(PAYMENT, via="id")  (PAYMENT keyed by orderId)
     one-to-many                  Book.reviews       Relation(REVIEWS, via="id")  (REVIEWS: Binding(..., many=True))
     paged, one-to-many           Customer.orders    Relation(ORDER_PAGES, via="id", paged=True)
+    the caller's own             me                 Relation(CUSTOMER, mine=True)  (the token's customer)
 
 A paged relation reads the first page of many parents' items in one call
 (``GET /orders?customerIds=1,2&limit=N``); a page after a cursor is one call of its own."""
@@ -23,7 +24,8 @@ from typing import Any
 from strawberry.dataloader import DataLoader
 from strawberry.types import Info
 
-from .errors import BadUserInput
+from .auth import Caller
+from .errors import BadUserInput, Unauthenticated
 from .source import Binding, Reader, Stale
 
 __all__ = ["Relation", "RELATION", "PageKey", "int_id", "resolve", "read_pages", "Loaders"]
@@ -48,6 +50,7 @@ class Relation:
     arg: str | None = None  # the argument that holds the key (the keys, when `many`)
     many: bool = False
     paged: bool = False  # arguments `first` and `after`; keys are `PageKey`s
+    mine: bool = False  # the key is the caller's own customer id (gateway/auth.py)
     # Entities one key stands for, for the cost analysis (gateway/cost.py); None: one, or a
     # paged relation's `first`.
     estimate: int | None = None
@@ -69,7 +72,13 @@ class Relation:
             raise BadUserInput("after is not a cursor this API issued")
         return (key, first, after)
 
-    def keys_from_args(self, args: dict[str, Any]) -> list[int]:
+    def keys_from_args(self, args: dict[str, Any], caller: Caller | None = None) -> list[int]:
+        """The keys of a root field: from its arguments, or the caller's customer id (none
+        for a caller who is not a customer, e.g. staff: the field is null)."""
+        if self.mine:
+            if caller is None:
+                raise Unauthenticated("`me` needs a caller: sign in (Authorization: Bearer <token>)")
+            return [] if caller.customer_id is None else [caller.customer_id]
         raw = args[self.arg]  # type: ignore[index]
         if not self.many:
             return [int_id(raw)]
@@ -88,7 +97,7 @@ async def read_pages(reader: Reader, binding: Binding, keys: list[PageKey]) -> d
             firsts.setdefault(first, []).append(parent)
         else:
             url = f"{binding.path}?{binding.key}={parent}&limit={first}&after={after}"
-            out[key] = await reader.page(binding, url)
+            out[key] = await reader.page(binding, url, owner=parent)
     for first, parents in firsts.items():
         found = await reader.read(binding, parents, f"&limit={first}")
         out.update({(parent, first, None): found[parent] for parent in parents})
@@ -138,18 +147,24 @@ def resolve(info: Info, parent: Any = None, **args: Any) -> Any:
     relation: Relation = info._field.metadata[RELATION]
     loaders: Loaders = info.context.loaders
     path = info.path.as_list()
-    if relation.arg is None:
+    if relation.arg is None and not relation.mine:
         key = relation.key_from_parent(parent, args)
 
         async def one() -> Any:
             return _unwrap(info, path, await loaders.load(relation, key))
 
         return one()
-    keys = relation.keys_from_args(args)
+    keys = relation.keys_from_args(args, loaders.reader.caller)
 
     async def item(index: int | None, key: int) -> Any:
         return _unwrap(info, path if index is None else [*path, index], await loaders.load(relation, key))
 
     if relation.many:
         return [item(i, key) for i, key in enumerate(keys)]
+    if not keys:  # `me` of a caller who is no customer (staff)
+        return _nothing()
     return item(None, keys[0])
+
+
+async def _nothing() -> None:
+    return None

@@ -9,7 +9,10 @@ per key with the parsed entity, ``None`` (an optional relation that has none), a
 - single-flight of identical reads in flight from concurrent requests (reads only; private
   data only within one caller; never across a change event);
 - the version guard: a lagging answer never replaces a newer version the cache holds;
-- stale-if-error: an entry within max-stale is served when the service fails.
+- stale-if-error: an entry within max-stale is served when the service fails;
+- ownership (ARCHITECTURE.md, "Callers"): an entity whose binding names an `owner` is
+  given only to that customer or to staff; anonymous callers get UNAUTHENTICATED without
+  a call, and another customer's entity FORBIDDEN, never cached in the asker's scope.
 
 It knows nothing of books: a `Binding` says which route answers for an entity."""
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .cache import CachePolicy, EntityCache, Entry
-from .errors import GatewayError, NotFound, UpstreamBadResponse, UpstreamError
+from .errors import Forbidden, GatewayError, NotFound, Unauthenticated, UpstreamBadResponse, UpstreamError
 from .flights import SingleFlight
 from .metrics import record_stale
 from .resilience import Deadline
@@ -30,6 +33,7 @@ from .telemetry import annotate, batch_span, failed
 from .upstream import Upstream
 
 if TYPE_CHECKING:
+    from .auth import Caller
     from .consistency import Session
 
 __all__ = ["Binding", "EntitySource", "Reader", "Stale", "contract"]
@@ -69,6 +73,12 @@ class Binding:
     # id (a payment cached by its order: "orderId"). Such entries are ordered by feed
     # position, not version: several entities answer for one key over time (gateway/feed.py).
     feed_key: str | None = None
+    # The payload field naming the customer who owns the entity (an order's "customerId");
+    # when it is `key` itself (a customer's "id"), ownership is known before the call.
+    owner: str | None = None
+    # Owned by whoever owns the entity it is read from (a payment, by its order's customer):
+    # read only from an entity the caller may see, so never in the same level as that one.
+    through_parent: bool = False
 
     def __post_init__(self) -> None:
         if self.many and self.policy is not None:
@@ -96,39 +106,67 @@ class EntitySource:
         self.policies = dict(policies or {})
         self.flights = flights
 
-    def reader(self, identity: str | None = None, deadline: Deadline | None = None,
+    def reader(self, caller: Caller | None = None, deadline: Deadline | None = None,
                session: Session | None = None) -> Reader:
-        return Reader(self, identity, deadline, session)
+        return Reader(self, caller, deadline, session)
 
     def policy(self, binding: Binding) -> CachePolicy | None:
         return self.policies.get(binding.entity, binding.policy)
 
 
 class Reader:
-    """One request's reads: its caller's identity (a verified subject or a hash of the
-    credential; None for anonymous callers) and its deadline."""
+    """One request's reads: its verified caller (None: anonymous) and its deadline."""
 
-    def __init__(self, source: EntitySource, identity: str | None, deadline: Deadline | None,
+    def __init__(self, source: EntitySource, caller: Caller | None, deadline: Deadline | None,
                  session: Session | None = None) -> None:
         self.source = source
-        self.identity = identity
+        self.caller = caller
+        # The private cache scope and single-flight key: a hash of the verified subject.
+        self.identity = caller.key if caller is not None else None
         self.deadline = deadline
         self.session = session  # the request's consistency token (gateway/consistency.py)
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
         """Every key's answer; `query` is appended to each call's URL (e.g. ``&limit=20``)."""
         unique = list(dict.fromkeys(keys))
+        out: dict[Any, Any] = {}
+        if binding.owner is not None or binding.through_parent:
+            # Ownership known from the key (a customer's id) or no caller: refused unasked.
+            for key in unique:
+                if (refused := self.denied(binding, key if binding.owner == binding.key else None)) is not None:
+                    out[key] = refused
+            if out:
+                unique = [k for k in unique if k not in out]
+                if not unique:
+                    return out
         size = self.source.upstream.max_batch(binding.service)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
-        if len(chunks) == 1:
+        if len(chunks) == 1 and not out:
             return await self._chunk(binding, chunks[0], query)
-        out: dict[Any, Any] = {}
         for part in await asyncio.gather(*(self._chunk(binding, c, query) for c in chunks)):
             out.update(part)
         return out
 
-    async def page(self, binding: Binding, url: str) -> Any:
-        """One non-batch read (a cursor page), parsed with `binding.parse`; an error is returned."""
+    def denied(self, binding: Binding, owner: Any = None) -> GatewayError | None:
+        """Why this caller may not have `binding`'s entity owned by `owner` (None: not yet
+        known, only a caller is needed); None when it may."""
+        if binding.owner is None and not binding.through_parent:
+            return None
+        if self.caller is None:
+            return Unauthenticated(f"this {binding.entity} is private: sign in (Authorization: Bearer <token>)")
+        if owner is not None and not self.caller.owns(owner):
+            return Forbidden(f"this {binding.entity} belongs to another customer")
+        return None
+
+    def _refused(self, binding: Binding, payload: Any) -> GatewayError | None:
+        if binding.owner is None or not isinstance(payload, dict):
+            return None
+        return self.denied(binding, payload.get(binding.owner))
+
+    async def page(self, binding: Binding, url: str, owner: Any = None) -> Any:
+        """One non-batch read (a cursor page) of `owner`'s, parsed with `binding.parse`; an error is returned."""
+        if (refused := self.denied(binding, owner)) is not None:
+            return refused
         with batch_span(binding.service, binding.path):
             try:
                 body, _ = await self._get(binding, url, await self._settle(binding))
@@ -172,6 +210,8 @@ class Reader:
                 by_seq = binding.feed_key is not None  # ordered by feed position (gateway/feed.py)
                 for k in need:
                     p = fetched.get(k)
+                    if self._refused(binding, p) is not None:
+                        continue  # another customer's: never cached in this caller's scope
                     if isinstance(p, dict) and isinstance(p.get("version"), int):
                         entries[k] = Entry(p, seq if by_seq else p["version"], now, binding.service, seq=seq)
                     elif p is None and binding.optional:
@@ -263,9 +303,12 @@ class Reader:
     def _result(self, binding: Binding, key: Any, fetched: dict[Any, Any] | UpstreamError) -> Any:
         if isinstance(fetched, UpstreamError):
             return fetched
-        return self._parse(binding, key, fetched.get(key))
+        payload = fetched.get(key)
+        return self._refused(binding, payload) or self._parse(binding, key, payload)
 
     def _cached(self, binding: Binding, key: Any, entry: Entry) -> Any:
+        if (refused := self._refused(binding, entry.payload)) is not None:
+            return refused
         if entry.payload is None:
             return self._parse(binding, key, None)
         try:

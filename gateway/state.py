@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
+from .auth import Authenticator
 from .cache import CachePolicy, EntityCache
 from .config import Settings
 from .consistency import Consistency
 from .feed import FeedFollower
 from .health import ReadinessProbe
+from .ratelimit import Limiter
 from .resilience import Resilience
 from .source import EntitySource
 from .telemetry import Telemetry
@@ -38,6 +40,8 @@ class GatewayState:
     readiness: list[ReadinessProbe] = field(default_factory=list)
     limits: asyncio.Task[None] | None = None  # learning the services' maxBatch
     consistency: Consistency | None = None  # consistency tokens (gateway/consistency.py)
+    authenticator: Authenticator | None = None  # bearer tokens into callers (gateway/auth.py)
+    limiter: Limiter | None = None  # rate limits per caller (gateway/ratelimit.py)
     live: LiveHub | None = None  # subscriptions (gateway/hub.py)
 
 

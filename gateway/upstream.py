@@ -18,6 +18,7 @@ from httpx_aiohttp import AiohttpTransport
 from .config import ResilienceConfig, ServiceConfig
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
+from .auth import forward_caller
 from .telemetry import httpx_event_hooks
 
 __all__ = ["Upstream", "POSITION_HEADER", "feed_seq"]
@@ -73,13 +74,15 @@ class Upstream:
         self._advertised: dict[str, int] = {}
         self.resilience = resilience or Resilience(self.services, ResilienceConfig())
         transports = transports or {}
+        hooks = httpx_event_hooks()
+        hooks["request"].append(forward_caller)  # X-BookVault-Caller beside traceparent
         self._clients = {
             name: httpx.AsyncClient(
                 base_url=cfg.url,
                 timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
                 transport=transports.get(name) or _transport(cfg),
                 headers={"accept": "application/json", "user-agent": "bookvault-gateway"},
-                event_hooks=httpx_event_hooks(),
+                event_hooks=hooks,
             )
             for name, cfg in self.services.items()
         }

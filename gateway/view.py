@@ -11,7 +11,6 @@ response, with `extensions` (stale, complete/failedServices, traceId)."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
@@ -27,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from strawberry.exceptions import StrawberryGraphQLError
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext, execution_context_class_kwargs
 
+from .auth import caller_of
 from .config import Settings
 from .context import RequestContext
 from .cost import CostAnalyzer
@@ -40,7 +40,7 @@ from .resilience import DEADLINE_HEADER, Deadline, partial_result
 from .state import gateway_state
 from .telemetry import OperationSpan, operation_span
 
-__all__ = ["GraphQLView", "GRAPHQL_RESPONSE", "execute_reference", "format_errors", "identity"]
+__all__ = ["GraphQLView", "GRAPHQL_RESPONSE", "execute_reference", "format_errors"]
 
 log = logging.getLogger("bookvault.gateway")
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -68,12 +68,6 @@ def negotiate(accept: str | None) -> str:
         if media.strip().lower() == GRAPHQL_RESPONSE and "q=0" not in params.replace(" ", "").split(";"):
             return GRAPHQL_RESPONSE
     return JSON
-
-
-def identity(request: Request, header: str) -> str | None:
-    """Who is asking, as a hash (never the credential itself), for private cache scopes."""
-    value = request.headers.get(header)
-    return hashlib.sha256(value.encode()).hexdigest()[:32] if value else None
 
 
 def _unexpected(error: GraphQLError) -> bool:
@@ -289,7 +283,8 @@ class GraphQLView:
         state = gateway_state(request)
         # The consistency token the request brought back (header or cookie), checked.
         session = state.consistency.session(request, deadline) if state.consistency is not None else None
-        reader = state.source.reader(identity(request, state.settings.identity_header), deadline, session)
+        # The caller the authentication middleware verified (gateway/auth.py), or None.
+        reader = state.source.reader(caller_of(request.scope), deadline, session)
         return RequestContext(request, reader, Loaders(reader))
 
 

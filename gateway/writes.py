@@ -1,9 +1,8 @@
 """The write path (ARCHITECTURE.md, "Writes"): what a mutation's resolver needs besides the
 entity source.
 
-- `customer_of`: the one place that decides who the customer is. Until authentication
-  lands it is the `X-Customer-Id` header or the customer the input names; then it becomes
-  the verified token's customer, and nothing else changes.
+- `customer_of`: the one place that decides who the customer is: the verified token's
+  customer; staff act for the customer the input names (ARCHITECTURE.md, "Callers").
 - `scoped_key`: the caller's idempotency key, namespaced by that customer, so two
   callers' keys never meet in a service's key table.
 - `send`: one write through `Upstream.request` (never retried: a lost answer is the
@@ -20,28 +19,30 @@ from collections.abc import Iterable
 from typing import Any
 
 from .context import RequestContext
-from .errors import BadUserInput, GatewayError, NotFound, Refused, UpstreamRejected
+from .errors import BadUserInput, Forbidden, GatewayError, NotFound, Refused, Unauthenticated, UpstreamRejected
 from .relations import int_id
 from .source import Binding
 from .telemetry import batch_span
 
-__all__ = ["CUSTOMER_HEADER", "MAX_KEY_LENGTH", "customer_of", "evict", "scoped_key", "send"]
+__all__ = ["MAX_KEY_LENGTH", "customer_of", "evict", "scoped_key", "send"]
 
-CUSTOMER_HEADER = "x-customer-id"
 MAX_KEY_LENGTH = 255  # as the services accept (draft-ietf-httpapi-idempotency-key-header)
 
 
 def customer_of(context: RequestContext, claimed: Any = None) -> int:
-    """Who the customer is: the `X-Customer-Id` header, or the customer id the input names;
-    both given must agree. Authentication will replace this body with the verified
-    token's customer (and stop trusting either)."""
-    header = context.request.headers.get(CUSTOMER_HEADER)
-    sources = [int_id(value, "customerId") for value in (header, claimed) if value not in (None, "")]
-    if not sources:
-        raise BadUserInput(f"no customer: send the {CUSTOMER_HEADER} header or input.customerId")
-    if len(set(sources)) > 1:
-        raise BadUserInput(f"input.customerId and the {CUSTOMER_HEADER} header name different customers")
-    return sources[0]
+    """Who the customer is: the verified caller's own customer; a customer id the input
+    names must be theirs, unless the caller is staff, who act for the one named."""
+    caller = context.reader.caller
+    if caller is None:
+        raise Unauthenticated("writes need a caller: sign in (Authorization: Bearer <token>)")
+    named = int_id(claimed, "customerId") if claimed not in (None, "") else None
+    if caller.staff and named is not None:
+        return named
+    if caller.customer_id is None:
+        raise BadUserInput("this caller acts for no customer: name one in input.customerId (staff only)")
+    if named is not None and named != caller.customer_id:
+        raise Forbidden("input.customerId names another customer")
+    return caller.customer_id
 
 
 def scoped_key(customer: int, key: str) -> str:

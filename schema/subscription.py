@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator
 import strawberry
 
 from gateway.live import Live, follow
+from gateway.rules import Authenticated
 from gateway.source import Reader, Stale
 
 from .types import ORDER, ORDER_PAGES, PAYMENT, SHIPMENT, Ctx, Order
@@ -32,7 +33,8 @@ async def recent_orders(reader: Reader, customer: int) -> list[int]:
 class Subscription:
     @strawberry.subscription(
         description="The order now, then each time it, its payment or its shipment changes (its customer or staff).",
-        metadata=Live(ORDER, "order", owner="customer_id", arg="id", related=(PAYMENT, SHIPMENT)).metadata())
+        metadata=Live(ORDER, "order", owner="customer_id", arg="id", related=(PAYMENT, SHIPMENT)).metadata(),
+        directives=[Authenticated()])
     async def order_updated(self, info: Ctx, id: strawberry.ID) -> AsyncGenerator[Order | None, None]:
         async for order in follow(info, id=id):
             yield order
@@ -41,7 +43,7 @@ class Subscription:
         description=f"The caller's {RECENT} latest orders now, oldest first, then each of the caller's orders "
                     "when it, its payment or its shipment changes.",
         metadata=Live(ORDER, "order", owner="customer_id", related=(PAYMENT, SHIPMENT),
-                      current=recent_orders).metadata())
+                      current=recent_orders).metadata(), directives=[Authenticated()])
     async def my_orders_updated(self, info: Ctx) -> AsyncGenerator[Order | None, None]:
         async for order in follow(info):
             yield order

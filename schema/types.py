@@ -16,6 +16,7 @@ import strawberry
 from strawberry.types import Info
 
 from gateway import Binding, CachePolicy, Relation, resolve
+from gateway.rules import OwnedBy
 
 Ctx = Info[Any, None]
 
@@ -24,22 +25,28 @@ Ctx = Info[Any, None]
 # Personal data (customers, their orders, payments, shipments) is cached per caller.
 # `parse` names its class late: the types below refer to each other.
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+# Who may read what (ARCHITECTURE.md, "Callers"): a customer, their orders, the pages of
+# them, and what hangs off an order (payment, shipment) belong to that customer; staff may
+# read them all; the catalog is public.
 CUSTOMER = Binding("customer", "customers", "/customers", lambda p: Customer.of(p),
-                   policy=CachePolicy(MINUTE, HOUR, private=True))
+                   policy=CachePolicy(MINUTE, HOUR, private=True), owner="id")
 BOOK = Binding("book", "catalog", "/books", lambda p: Book.of(p), policy=CachePolicy(30.0, HOUR))
 AUTHOR = Binding("author", "catalog", "/authors", lambda p: Author.of(p), policy=CachePolicy(HOUR, DAY))
 STOCK = Binding("stock", "inventory", "/stock", lambda p: Stock.of(p), param="bookIds", key="bookId", optional=True,
                 identity=None, policy=CachePolicy(5.0, 10 * MINUTE))
-ORDER = Binding("order", "orders", "/orders", lambda p: Order.of(p), policy=CachePolicy(MINUTE, HOUR, private=True))
+ORDER = Binding("order", "orders", "/orders", lambda p: Order.of(p), policy=CachePolicy(MINUTE, HOUR, private=True),
+                owner="customerId")
 # Looked up by order id; their change events carry the order's id (`orderId`) besides their
 # own, so the gateway's feed follower finds and invalidates these entries like any other.
 PAYMENT = Binding("payment", "payments", "/payments", lambda p: Payment.of(p), param="orderIds", key="orderId",
-                  optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId")
+                  optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId",
+                  through_parent=True)
 SHIPMENT = Binding("shipment", "shipping", "/shipments", lambda p: Shipment.of(p), param="orderIds", key="orderId",
-                   optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId")
+                   optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId",
+                   through_parent=True)
 # The first page of many customers' orders in one call; never cached (pages move with every order).
 ORDER_PAGES = Binding("orderPage", "orders", "/orders", lambda p: OrderConnection.of(p), param="customerIds",
-                      key="customerId", identity=None)
+                      key="customerId", identity=None, owner="customerId")
 BINDINGS = (CUSTOMER, BOOK, AUTHOR, STOCK, ORDER, PAYMENT, SHIPMENT, ORDER_PAGES)
 
 
@@ -155,7 +162,7 @@ class OrderItem:
                    title_at_purchase=p["titleAtPurchase"], book_id=int(p["bookId"]))
 
 
-@strawberry.type
+@strawberry.type(directives=[OwnedBy(through="order")])
 class Payment:
     id: strawberry.ID
     amount: Money
@@ -169,7 +176,7 @@ class Payment:
                    status=PaymentStatus(p["status"]), version=p["version"])
 
 
-@strawberry.type
+@strawberry.type(directives=[OwnedBy(through="order")])
 class Shipment:
     id: strawberry.ID
     carrier: str
@@ -185,7 +192,7 @@ class Shipment:
                    version=p["version"])
 
 
-@strawberry.type
+@strawberry.type(directives=[OwnedBy(field="customerId")])
 class Order:
     id: strawberry.ID
     status: OrderStatus
@@ -254,7 +261,7 @@ class OrderConnection:
                    total_count=int(page["totalCount"]))
 
 
-@strawberry.type
+@strawberry.type(directives=[OwnedBy(field="id")])
 class Customer:
     id: strawberry.ID
     name: str

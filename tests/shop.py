@@ -23,7 +23,8 @@ import uvicorn
 
 from bookvault import create_app
 from gateway import Settings
-from gateway.config import ResilienceConfig, ServiceConfig
+from gateway.auth import mint
+from gateway.config import JwtConfig, ResilienceConfig, ServiceConfig
 from mock_services import SERVICES
 from mock_services import create_app as create_service
 
@@ -68,6 +69,20 @@ async def running_shop(seeded_dir: Path, tmp_path: Path, **options: Any) -> Asyn
         yield Shop(apps)
 
 
+# Tests' gateways verify HS256 tokens signed with this; their clients send a staff token
+# unless a test says otherwise (`running_gateway(..., headers=...)`, `as_customer`).
+TEST_SECRET = "bookvault-tests-" + "0123456789abcdef" * 2
+
+
+def as_customer(customer: int | None, *, staff: bool = False, subject: str | None = None) -> dict[str, str]:
+    """The Authorization header of a caller: customer `customer`, or staff."""
+    subject = subject or ("staff" if staff else f"customer-{customer}")
+    return {"authorization": f"Bearer {mint(TEST_SECRET, subject, customer=customer, scopes=['staff'] if staff else [])}"}
+
+
+STAFF = as_customer(None, staff=True)
+
+
 def settings_for(
     shop: Shop,
     *,
@@ -83,7 +98,7 @@ def settings_for(
         name: ServiceConfig(name=name, url=urls.get(name, f"http://{name}"), **{**overrides, **per_service.get(name, {})})
         for name in shop.apps
     }
-    return Settings(services=services, **(gateway or {}))
+    return Settings(services=services, **{"jwt": JwtConfig(secret=TEST_SECRET), **(gateway or {})})
 
 
 @contextlib.asynccontextmanager
@@ -98,10 +113,12 @@ async def running_gateway(
     urls: Mapping[str, str] | None = None,
     per_service: Mapping[str, Mapping[str, Any]] | None = None,
     service: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] = STAFF,
     **settings: Any,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    """A gateway app over `shop` (lifespan running) and a client for it. `settings` are
-    Settings fields, `service` ServiceConfig fields for every service."""
+    """A gateway app over `shop` (lifespan running) and a client for it, sending `headers`
+    (a staff token unless said otherwise). `settings` are Settings fields, `service`
+    ServiceConfig fields for every service."""
     config = settings_for(shop, urls=urls, per_service=per_service, gateway=settings, **(service or {}))
     inner = {name: t for name, t in shop.transports.items() if name not in (urls or {})}
     options = {k: v for k, v in (("clock", clock), ("wall_clock", wall_clock), ("tracer_provider", tracer_provider))
@@ -111,7 +128,8 @@ async def running_gateway(
         if wait_feeds and app.state.gateway.feeds is not None:
             # A follower that starts late may still drop entries another gateway wrote.
             await asyncio.wait_for(app.state.gateway.feeds.started(), 10)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+                                     headers=dict(headers)) as client:
             yield client, app
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from gateway.cache import FORMAT
 from gateway.config import ResilienceConfig
-from shop import Shop, running_gateway
+from shop import Shop, as_customer, running_gateway
 
 REDIS = "redis://127.0.0.1:6379/0"
 HISTORY = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { nodes { id
@@ -53,7 +53,7 @@ async def patch_price(shop: Shop, book_id: int, amount: str) -> int:
 @pytest.mark.parametrize("redis_url", [None, REDIS], ids=["l1", "l1+redis"])
 async def test_repeated_history_makes_no_calls_for_cached_public_types(shop: Shop, namespace: str, redis_url: str | None) -> None:
     """The second order history costs no catalog or inventory call; private types are reused only by the same caller."""
-    alice = {"authorization": "Bearer alice"}
+    alice = as_customer(7)
     async with running_gateway(shop, redis_url=redis_url, cache_namespace=namespace) as (client, _):
         first = await ask(client, HISTORY, alice, id="7")
         assert (await count_calls(shop))["catalog"] == 2
@@ -61,7 +61,7 @@ async def test_repeated_history_makes_no_calls_for_cached_public_types(shop: Sho
         assert again["data"] == first["data"]
         assert await count_calls(shop) == {"customers": 0, "catalog": 0, "inventory": 0, "orders": 1,  # the page itself
                                            "payments": 0, "shipping": 0}
-        await ask(client, HISTORY, id="7")  # anonymous: public types from cache, private ones asked again
+        await ask(client, HISTORY, id="7")  # staff: public types from cache, private ones asked again
         assert await count_calls(shop) == {"customers": 1, "catalog": 0, "inventory": 0, "orders": 1,
                                            "payments": 1, "shipping": 1}
 
@@ -156,17 +156,19 @@ async def test_stale_books_are_served_when_the_catalog_fails_until_max_stale(sho
 
 
 async def test_private_records_never_cross_callers(shop: Shop, namespace: str) -> None:
-    """A customer cached for Alice is not served to Bob nor to an anonymous caller, and anonymous reads are not cached."""
+    """A customer cached for Alice is not served to Bob; an anonymous caller gets UNAUTHENTICATED without a call."""
     query = '{ customer(id: 11) { name email } }'
-    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (client, _):
-        await ask(client, query, {"authorization": "Bearer alice"})
-        await ask(client, query, {"authorization": "Bearer alice"})
+    alice, bob = as_customer(None, staff=True, subject="alice"), as_customer(None, staff=True, subject="bob")
+    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace, headers={}) as (client, _):
+        await ask(client, query, alice)
+        await ask(client, query, alice)
         assert (await count_calls(shop))["customers"] == 1
-        await ask(client, query, {"authorization": "Bearer bob"})
+        await ask(client, query, bob)
         assert (await count_calls(shop))["customers"] == 1
-        await ask(client, query)
-        await ask(client, query)
-        assert (await count_calls(shop))["customers"] == 2
+        for _ in range(2):
+            anonymous = (await client.post("/graphql", json={"query": query})).json()
+            assert anonymous["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert (await count_calls(shop))["customers"] == 0
     store = aioredis.from_url(REDIS)
     scopes = await store.hkeys(f"{namespace}:{FORMAT}:customer:11")
     await store.aclose()

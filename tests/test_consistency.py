@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.cache import FORMAT
 from gateway.consistency import TOKEN_COOKIE, TOKEN_HEADER
-from shop import Shop, SlowFeed, own_redis, running_gateway
+from shop import Shop, SlowFeed, as_customer, own_redis, running_gateway
 
 BOOK = 'query($id: ID!) { book(id: $id) { id version price { amount } } }'
 
@@ -222,7 +222,7 @@ async def test_a_refund_is_served_through_a_warm_cache_within_one_feed_round_tri
     """A payment cached under its order's id is refetched once its refund event arrives, long before its 15 s TTL."""
     payment = await captured_payment(shop)
     query = '{ order(id: %d) { payment { status } } }' % payment["orderId"]
-    alice = {"authorization": "Bearer alice"}
+    alice = as_customer(None, staff=True, subject="alice")
     async with running_gateway(shop) as (client, app):
         for _ in range(2):
             body = (await client.post("/graphql", json={"query": query}, headers=alice)).json()

@@ -12,6 +12,8 @@ import pytest
 
 from bookvault import create_app
 from gateway import Settings
+from gateway.config import JwtConfig
+from shop import STAFF, TEST_SECRET
 
 SHOP = "https://shop.example"
 QUERY = {"query": "{ __typename }"}
@@ -26,7 +28,7 @@ def gateway_with() -> Client:
     async def start(origins: str) -> AsyncIterator[httpx.AsyncClient]:
         env = Settings.from_env({"BOOKVAULT_CORS_ORIGINS": origins})
         app = create_app(Settings(services=env.services, cors_origins=env.cors_origins, follow_feeds=False,
-                                  learn_limits=False))
+                                  learn_limits=False, jwt=JwtConfig(secret=TEST_SECRET)))
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
                 yield client
@@ -42,7 +44,7 @@ def _preflight(origin: str) -> dict[str, str]:
 async def test_a_listed_origin_may_call_with_credentials(gateway_with):
     """A POST from a listed origin is answered with that origin allowed, credentials allowed and the trace id header exposed."""
     async with gateway_with(f"{SHOP}, http://localhost:5173/") as client:
-        response = await client.post("/graphql", json=QUERY, headers={"origin": SHOP, "authorization": "Bearer u1"})
+        response = await client.post("/graphql", json=QUERY, headers={"origin": SHOP, **STAFF})
     assert response.status_code == 200 and response.json()["data"] == {"__typename": "Query"}
     assert response.headers["access-control-allow-origin"] == SHOP
     assert response.headers["access-control-allow-credentials"] == "true"

@@ -22,6 +22,7 @@ import redis
 import yaml
 
 from gateway.config import DEFAULT_PORTS, Settings
+from shop import STAFF, TEST_SECRET
 from mock_services.runner import Child
 from mock_services.runner import _wait_ready as wait_ready
 from otlp_receiver import OtlpReceiver
@@ -144,7 +145,8 @@ def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes
                 volume = tmp_path / name  # its own volume, already seeded: the test is not about seeding
                 shutil.copytree(seeded_dir, volume)
                 env = {**os.environ, **{k: local(str(v)) for k, v in container["environment"].items()},
-                       "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.endpoint, "BOOKVAULT_CACHE_NAMESPACE": namespace}
+                       "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.endpoint, "BOOKVAULT_CACHE_NAMESPACE": namespace,
+                       "BOOKVAULT_JWT_SECRET": TEST_SECRET}  # what `docker compose` would take from the shell
                 child = Child(name, [str(volume) if a == "/data" else a for a in argv(container["command"])],
                               f"http://127.0.0.1:{ports[str(DEFAULT_PORTS.get(name, 8000))]}")
                 child.process = subprocess.Popen(child.argv, env=env, stdout=subprocess.DEVNULL,
@@ -154,7 +156,8 @@ def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes
             for name in (*SERVICES, "gateway"):  # the containers' own health checks pass
                 check = argv(compose["services"][name]["healthcheck"]["test"][1:])
                 assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0, name
-            response = httpx.post(f"http://127.0.0.1:{ports['8000']}/graphql", timeout=10, json={"query": ORDER_PAGE_ALL})
+            response = httpx.post(f"http://127.0.0.1:{ports['8000']}/graphql", timeout=10, json={"query": ORDER_PAGE_ALL},
+                                  headers=STAFF)
             assert response.status_code == 200 and "errors" not in response.json()
         finally:
             # As compose stops them: the gateway (it depends_on the services) first, then the

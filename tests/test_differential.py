@@ -22,6 +22,7 @@ from graphql.execution.values import VariableValues, get_variable_values
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
+from gateway.auth import Caller
 from gateway import CachePolicy, EntitySource, executable_schema
 from gateway.cache import EntityCache, Entry, MemoryLevel
 from gateway.config import ResilienceConfig, ServiceConfig
@@ -249,14 +250,14 @@ async def _both(services: _Services, query: str, variables: dict[str, Any], fail
     assert plan is not None, query
 
     source = await _source(services.upstream, stale)
-    reader = source.reader("tester")
+    reader = source.reader(Caller("tester", staff=True))
     context = RequestContext(None, reader, Loaders(reader))  # type: ignore[arg-type]
     result = await execute_reference(SCHEMA, document, variables, None, context)
     ref_errors = format_errors(result.errors or [])
     ref_ext = {**context.extensions, **partial_result(e.get("extensions", {}) for e in ref_errors if "path" in e)}
 
     source = await _source(services.upstream, stale)
-    data, errors, stale_served = await execute_plan(plan, values, source.reader("tester"))
+    data, errors, stale_served = await execute_plan(plan, values, source.reader(Caller("tester", staff=True)))
     planned_errors = format_errors(errors)
     planned_ext = partial_result(e.get("extensions", {}) for e in planned_errors if "path" in e)
     if stale_served:

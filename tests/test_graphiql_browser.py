@@ -14,9 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.async_api import Request, Route, async_playwright
 
-from gateway.auth import mint
-from live_auth import SECRET, authenticated
-from shop import Shop, on_a_real_port, running_gateway
+from shop import STAFF, Shop, on_a_real_port, running_gateway
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (never `playwright install`)
 # Headless, and none of chromium's own background traffic (updates, sync, QUIC probes).
@@ -33,8 +31,7 @@ async def gateway_on_a_port(shop: Shop) -> AsyncIterator[str]:
     async with contextlib.AsyncExitStack() as stack:
         urls = {name: await stack.enter_async_context(on_a_real_port(app)) for name, app in shop.apps.items()}
         _, app = await stack.enter_async_context(running_gateway(shop, urls=urls))
-        served = await stack.enter_async_context(authenticated(app))
-        yield await stack.enter_async_context(on_a_real_port(served))
+        yield await stack.enter_async_context(on_a_real_port(app))
 
 
 async def _set_editor(page, selector: str, text: str) -> None:
@@ -77,7 +74,7 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
                               json.dumps({"id": "4850"}))
             await page.get_by_role("button", name="Headers").click()
             await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
-                              json.dumps({"Authorization": "Bearer demo-user"}))
+                              json.dumps({"Authorization": STAFF["authorization"]}))
             await page.click(".graphiql-execute-button")
             shown = await page.wait_for_function(
                 """() => { const cm = document.querySelector('.result-window .CodeMirror');
@@ -93,7 +90,7 @@ async def test_graphiql_runs_the_order_page_in_a_browser_with_nothing_leaving_th
     assert "errors" not in result
     posts = [r for r in requests if r.method == "POST"]
     assert [urlsplit(r.url).path for r in posts] == ["/graphql", "/graphql"]  # the schema, then the query
-    assert posts[-1].headers["authorization"] == "Bearer demo-user"
+    assert posts[-1].headers["authorization"] == STAFF["authorization"]
     assert blocked == [] and problems == []
     assert {urlsplit(r.url).hostname for r in requests} == {"127.0.0.1"}
     assert {urlsplit(r.url).path for r in requests if r.method == "GET"} >= {"/graphql", "/graphiql/assets/graphiql-3.8.3/graphiql.min.js"}
@@ -120,9 +117,8 @@ async def test_graphiql_runs_a_subscription_over_its_websocket_and_shows_each_ch
             await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror',
                               json.dumps({"id": "4850"}))
             await page.get_by_role("button", name="Headers").click()
-            bearer = mint(SECRET, "staff", scopes=["staff"])
             await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
-                              json.dumps({"Authorization": f"Bearer {bearer}"}))
+                              json.dumps({"Authorization": STAFF["authorization"]}))
             await page.click(".graphiql-execute-button")
             first = json.loads(await (await page.wait_for_function(result_text, timeout=20_000)).json_value())
             status = {"PLACED": "PAID", "PAID": "SHIPPED", "SHIPPED": "DELIVERED"}[order["status"]]

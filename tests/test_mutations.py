@@ -15,10 +15,10 @@ import pytest
 from backends import sqlite_urls
 from mock_services import SERVICES, create_app
 from saga_shop import ADDRESS, running_checkout_shop
-from shop import Shop, running_gateway
+from shop import STAFF, Shop, as_customer, running_gateway
 
 REDIS = "redis://127.0.0.1:6379/0"
-CALLER = {"Authorization": "Bearer ada", "X-Customer-Id": "7"}
+CALLER = as_customer(7)
 GQL_ADDRESS = {"name": ADDRESS["name"], "street": ADDRESS["street"], "city": ADDRESS["city"],
                "postalCode": ADDRESS["postalCode"], "country": ADDRESS["country"]}
 PLACE = """mutation($input: PlaceOrderInput!, $key: String!) {
@@ -86,7 +86,7 @@ async def running_store(data_dir: Path, **gateway_settings: Any) -> AsyncIterato
         customers = create_app(SERVICES["customers"], database=urls["customers"], admin=True)
         async with customers.router.lifespan_context(customers):
             shop = Shop({**checkout.apps, "customers": customers})
-            async with running_gateway(shop, **gateway_settings) as (client, _):
+            async with running_gateway(shop, headers={}, **gateway_settings) as (client, _):
                 yield Store(shop, client)
 
 
@@ -171,7 +171,7 @@ async def test_two_customers_with_one_key_get_two_orders(store: Store) -> None:
     """The key is the caller's own: customers 7 and 8 both using "k-1" get an order each."""
     await store.set_stock(11, 10)
     first = await store.place([(11, 1)], key="k-1")
-    second = await store.place([(11, 1)], key="k-1", headers={"Authorization": "Bearer bo", "X-Customer-Id": "8"})
+    second = await store.place([(11, 1)], key="k-1", headers=as_customer(8))
     orders = [b["data"]["placeOrder"]["order"]["id"] for b in (first, second)]
     assert len(set(orders)) == 2
     assert [(await store.read("orders", f"/orders/{o}"))["customerId"] for o in orders] == [7, 8]
@@ -191,7 +191,7 @@ async def test_two_customers_with_one_key_get_two_orders(store: Store) -> None:
 ])
 async def test_bad_input_is_refused_before_any_write(store: Store, case: str, changes: dict[str, Any]) -> None:
     """Bad input answers BAD_USER_INPUT at placeOrder and no service receives a single write."""
-    headers = {"Authorization": "Bearer z"} if "customerId" in changes else CALLER
+    headers = STAFF if "customerId" in changes else CALLER  # staff may name any customer
     body = await store.place([(11, 1)], headers=headers, **changes)
     (error,) = body["errors"]
     assert (body["data"], error["path"], error["extensions"]["code"]) == (
@@ -200,12 +200,17 @@ async def test_bad_input_is_refused_before_any_write(store: Store, case: str, ch
 
 
 async def test_missing_address_or_customer_is_refused_before_any_write(store: Store) -> None:
-    """No shippingAddress is a request error; no customer (header or input) is BAD_USER_INPUT; nothing written."""
+    """No shippingAddress is a request error; an anonymous caller is UNAUTHENTICATED, staff naming no customer
+    BAD_USER_INPUT, a customer naming another FORBIDDEN; nothing written."""
     order_input = {"items": [{"bookId": "11", "quantity": 1}], "paymentMethod": "card"}
     missing = await store.graphql(PLACE, input=order_input, key="k")
     assert missing["data"] is None and "shippingAddress" in missing["errors"][0]["message"]
     anonymous = await store.place([(11, 1)], headers={})
-    assert anonymous["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+    assert anonymous["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    nobody = await store.place([(11, 1)], headers=STAFF)
+    assert nobody["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+    other = await store.place([(11, 1)], customerId="8")
+    assert other["errors"][0]["extensions"]["code"] == "FORBIDDEN"
     too_long = await store.place([(11, 1)], key="k" * 256)
     assert too_long["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
     assert await store.writes() == {name: [] for name in store.shop.apps}
@@ -251,13 +256,13 @@ async def test_cancel_order_refunds_restocks_and_is_read_at_once(store: Store) -
 
 
 async def test_cancel_order_errors(store: Store) -> None:
-    """Unknown order and another customer's order: NOT_FOUND; a SHIPPED one: NOT_CANCELLABLE; nothing written."""
+    """Unknown order: NOT_FOUND; another customer's: FORBIDDEN; a SHIPPED one: NOT_CANCELLABLE; nothing written."""
     demo = (await store.read("orders", "/orders", customerId="7", limit="100"))["data"]
     shipped = next(o for o in demo if o["status"] == "SHIPPED")
-    someone_else = {"Authorization": "Bearer bo", "X-Customer-Id": "8"}
+    someone_else = as_customer(8)
     unknown = await store.graphql(CANCEL, id="999999")
     theirs = await store.graphql(CANCEL, someone_else, id=str(shipped["id"]))
-    assert [b["errors"][0]["extensions"]["code"] for b in (unknown, theirs)] == ["NOT_FOUND", "NOT_FOUND"]
+    assert [b["errors"][0]["extensions"]["code"] for b in (unknown, theirs)] == ["NOT_FOUND", "FORBIDDEN"]
     assert await store.writes() == {name: [] for name in store.shop.apps}
     refused = await store.graphql(CANCEL, id=str(shipped["id"]))
     assert (refused["data"], refused["errors"][0]["extensions"]) == (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from shop import Shop, on_a_real_port, running_gateway
+from shop import STAFF, Shop, on_a_real_port, running_gateway
 
 JS = Path(__file__).parent / "js"
 
@@ -29,8 +30,10 @@ def node() -> str:
 
 
 async def run_node(node: str, script: str, url: str) -> Any:
+    token = STAFF["authorization"].removeprefix("Bearer ")
     process = await asyncio.create_subprocess_exec(node, script, url, cwd=JS, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+                                                   stderr=asyncio.subprocess.PIPE,
+                                                   env={**os.environ, "BOOKVAULT_TOKEN": token})
     async with asyncio.timeout(120):
         out, err = await process.communicate()
     assert process.returncode == 0, err.decode()[-2000:]

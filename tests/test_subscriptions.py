@@ -16,8 +16,7 @@ import pytest
 import websockets
 
 from gateway.auth import mint
-from shop import Shop, on_a_real_port, running_gateway
-from live_auth import SECRET, authenticated
+from shop import TEST_SECRET, Shop, on_a_real_port, running_gateway
 
 ORDER = "subscription($id: ID!) { orderUpdated(id: $id) { id status version customer { name } } }"
 
@@ -48,14 +47,13 @@ async def patch(shop: Shop, order_id: int, status: str) -> int:
 
 
 def token(customer: int | None = None, staff: bool = False) -> str:
-    return mint(SECRET, f"user-{customer or 'staff'}", customer=customer, scopes=["staff"] if staff else [])
+    return mint(TEST_SECRET, f"user-{customer or 'staff'}", customer=customer, scopes=["staff"] if staff else [])
 
 
 @contextlib.asynccontextmanager
 async def live(shop: Shop, send_buffer: int | None = None, **settings: Any) -> AsyncIterator[tuple[str, Any]]:
     """A gateway over `shop` on a real port (its URL and app), authenticating bearer tokens."""
-    async with running_gateway(shop, **settings) as (_, app), authenticated(app) as served, \
-            on_a_real_port(served, send_buffer=send_buffer) as url:
+    async with running_gateway(shop, **settings) as (_, app), on_a_real_port(app, send_buffer=send_buffer) as url:
         yield url, app
 
 
@@ -281,8 +279,7 @@ async def test_the_gateway_stopping_closes_websockets_with_1001_and_completes_ss
     lifespan = app.router.lifespan_context(app)
     await lifespan.__aenter__()
     try:
-        async with authenticated(app) as served, on_a_real_port(served) as url, \
-                WsClient.connect(url, bearer) as ws, sse(url, ORDER, bearer, id=str(order["id"])) as events:
+        async with on_a_real_port(app) as url, WsClient.connect(url, bearer) as ws, sse(url, ORDER, bearer, id=str(order["id"])) as events:
             await ws.subscribe("1", ORDER, id=str(order["id"]))
             await ws.receive()
             await next_event(events)
@@ -344,7 +341,7 @@ async def test_limits_heartbeats_and_the_init_timeout(shop: Shop) -> None:
 
 
 async def test_stopping_the_gateway_process_tells_subscribers_before_connections_drain(shop: Shop) -> None:
-    """SIGTERM on a gateway process (as `bookvault gateway` runs it): 1001 on the WebSocket, `complete` on SSE, exit soon after."""
+    """SIGTERM on `bookvault gateway`: 1001 on the WebSocket, `complete` on SSE, then the process exits."""
     import os
     import signal
     import sys
@@ -352,14 +349,15 @@ async def test_stopping_the_gateway_process_tells_subscribers_before_connections
 
     order = await order_of(shop, "PLACED")
     bearer = token(order["customerId"])
-    runner = Path(__file__).resolve().parent.parent / "bench" / "_live_gateway.py"
+    command = Path(sys.executable).with_name("bookvault")
     async with contextlib.AsyncExitStack() as stack:
         urls = {name: await stack.enter_async_context(on_a_real_port(app)) for name, app in shop.apps.items()}
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        env = os.environ | {f"BOOKVAULT_{n.upper()}_URL": u for n, u in urls.items()} | {"BOOKVAULT_PORT": str(port)}
-        process = await asyncio.create_subprocess_exec(sys.executable, str(runner), env=env, start_new_session=True,
+        env = os.environ | {f"BOOKVAULT_{n.upper()}_URL": u for n, u in urls.items()} | {
+            "BOOKVAULT_PORT": str(port), "BOOKVAULT_JWT_SECRET": TEST_SECRET}
+        process = await asyncio.create_subprocess_exec(str(command), "gateway", env=env, start_new_session=True,
                                                        stderr=asyncio.subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
         try:

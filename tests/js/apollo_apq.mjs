@@ -5,6 +5,8 @@ import { createPersistedQueryLink } from "@apollo/client/link/persisted-queries"
 import { createHash } from "node:crypto";
 
 const url = process.argv[2];
+// The caller's token, as an app would set it on its HttpLink (README, "Callers").
+const headers = process.env.BOOKVAULT_TOKEN ? { authorization: `Bearer ${process.env.BOOKVAULT_TOKEN}` } : {};
 const wire = [];
 
 async function loggingFetch(input, init = {}) {
@@ -31,7 +33,7 @@ async function loggingFetch(input, init = {}) {
 }
 
 const sha256 = (text) => createHash("sha256").update(text).digest("hex");
-const link = createPersistedQueryLink({ sha256 }).concat(new HttpLink({ uri: url, fetch: loggingFetch }));
+const link = createPersistedQueryLink({ sha256 }).concat(new HttpLink({ uri: url, fetch: loggingFetch, headers }));
 const client = new ApolloClient({ link, cache: new InMemoryCache() });
 const ORDER = gql`
   query ApolloOrder($id: ID!) {
