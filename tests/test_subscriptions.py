@@ -196,7 +196,7 @@ async def test_a_burst_of_twenty_changes_arrives_in_order_without_duplicates(sho
 
 
 async def test_anonymous_and_other_customers_are_refused_and_staff_is_served(shop: Shop) -> None:
-    """No token: UNAUTHENTICATED; another customer's token: FORBIDDEN (WebSocket and SSE); staff: the order."""
+    """No token: UNAUTHENTICATED; another customer's token: FORBIDDEN (WebSocket and SSE); staff, or the owner's token in the handshake: the order."""
     order = await order_of(shop, "PLACED")
     other = token(order["customerId"] + 1)
     async with live(shop) as (url, _):
@@ -217,6 +217,10 @@ async def test_anonymous_and_other_customers_are_refused_and_staff_is_served(sho
             await ws.subscribe("c", ORDER, id=str(order["id"]))
             served = await ws.receive()
             assert served["payload"]["data"]["orderUpdated"]["id"] == str(order["id"])
+        # The token in the handshake's Authorization header serves as well as in connection_init.
+        async with WsClient.connect(url, additional_headers={"authorization": f"Bearer {token(order['customerId'])}"}) as ws:
+            await ws.subscribe("d", ORDER, id=str(order["id"]))
+            assert (await ws.receive())["type"] == "next"
 
 
 def frame(message: dict[str, Any]) -> bytes:
