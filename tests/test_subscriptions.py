@@ -386,3 +386,20 @@ async def test_stopping_the_gateway_process_tells_subscribers_before_connections
             if process.returncode is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()
+
+
+async def test_subscriptions_need_a_stream_and_streams_take_only_subscriptions(shop: Shop) -> None:
+    """A subscription POSTed for one JSON answer: 400 saying how to subscribe; a query over the WebSocket: an error, the socket stays."""
+    order = await order_of(shop, "PLACED")
+    bearer = token(order["customerId"])
+    async with live(shop) as (url, _):
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{url}/graphql", json={"query": ORDER, "variables": {"id": str(order["id"])}},
+                                       headers={"authorization": f"Bearer {bearer}"})
+        assert answer.status_code == 400 and "text/event-stream" in answer.json()["errors"][0]["message"]
+        async with WsClient.connect(url, bearer) as ws:
+            await ws.subscribe("q", "query { book(id: 1) { title } }")
+            refused = await ws.receive()
+            assert (refused["id"], refused["type"], refused["payload"][0]["extensions"]["code"]) == ("q", "error", "BAD_REQUEST")
+            await ws.subscribe("s", ORDER, id=str(order["id"]))
+            assert (await ws.receive())["type"] == "next"
