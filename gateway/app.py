@@ -35,7 +35,7 @@ from .live import LIVE, Live
 from .live_sse import serve_sse, wants_events
 from .live_ws import serve_websocket
 from .outbox import heartbeats
-from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
+from .metrics import BREAKER_STATES, CONTENT_TYPE, LiveCollector, record_retry
 from .persisted import QueryStore, TrustedDocuments
 from .ratelimit import Limiter, RateLimitMiddleware
 from .resilience import BreakerState, Resilience
@@ -204,6 +204,7 @@ def create_app(
         source = EntitySource(upstream, cache, cache_policies, SingleFlight())
         live = LiveHub(schema._schema, source, live_fields, limit=settings.live_max, deadline=settings.resilience.deadline)
         live.start()
+        telemetry.metrics.registry.register(LiveCollector(live))
         beating = asyncio.create_task(heartbeats(settings.live_heartbeat), name="live-heartbeats")
         feeds = None
         if settings.follow_feeds:

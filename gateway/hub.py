@@ -81,8 +81,10 @@ class LiveHub:
         self.source = source
         self.limit = limit
         self.deadline = deadline
-        self.count = 0
-        self.rounds = 0  # rounds run (a bench and tests read it)
+        self.count = 0  # subscriptions held; these counts are /metrics' (gateway/metrics.py)
+        self.rounds = 0
+        self.sent = 0
+        self.dropped = 0
         self._bindings: dict[str, Binding] = {}
         self._owner: dict[str, str] = {}  # entity -> the attribute naming its owning customer
         self._watch: dict[str, tuple[str, str]] = {}  # event entity -> (followed entity, event field of its key)
@@ -284,7 +286,10 @@ class LiveHub:
         if last is not None and all(v <= s for v, s in zip(versions, last)):
             return  # nothing newer than what it was sent: a duplicate or a late answer
         subscription.sent[key] = versions if last is None else tuple(map(max, versions, last))
-        if not subscription.sink.next(payload):
+        if subscription.sink.next(payload):
+            self.sent += 1
+        else:
+            self.dropped += 1
             self.leave(subscription)  # a slow consumer: its transport closes it
 
 

@@ -165,7 +165,10 @@ async def test_two_hundred_subscribers_of_one_order_cost_one_batched_read_per_ch
             assert {m["payload"]["data"]["orderUpdated"]["version"] for m in changed} == {version}
             assert sorted(int(m["id"]) for m in changed) == list(range(100))
         calls = await reads(shop)
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{url}/metrics")).text
     assert [(r["route"], r["ids"]) for r in calls.pop("orders")] == [("/orders", 1)]  # one batch read, one id
+    assert "bookvault_live_subscriptions 200.0" in metrics and "bookvault_live_messages_total 400.0" in metrics
     assert all(len(found) <= 1 for found in calls.values()), calls  # the customer: once at most (else cached)
 
 
@@ -262,6 +265,10 @@ async def test_a_connection_that_does_not_read_is_dropped_with_4008(shop: Shop) 
         async with asyncio.timeout(10):
             while hub.count:  # released while the client reads nothing (the socket's buffers are a few KiB)
                 await asyncio.sleep(0.05)
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{url}/metrics")).text
+        dropped = next(line for line in metrics.splitlines() if line.startswith("bookvault_live_slow_consumers_total"))
+        assert float(dropped.split()[1]) >= 1  # the connection's subscriptions that had a message due
         async with asyncio.timeout(10):
             while b"slow consumer" not in received:  # the close frame, after what was in the buffers
                 received += await loop.sock_recv(sock, 65536)
