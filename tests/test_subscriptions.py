@@ -116,7 +116,7 @@ async def sse(url: str, query: str, bearer: str | None = None, **variables: Any)
 
 async def next_event(events: AsyncIterator[tuple[str, Any]]) -> tuple[str, Any]:
     async with asyncio.timeout(10):
-        return await anext(events)  # noqa: F821 (a builtin since 3.10)
+        return await anext(events)
 
 
 async def test_a_status_change_reaches_websocket_and_sse_subscribers_once_with_its_version(shop: Shop) -> None:
@@ -404,6 +404,12 @@ async def test_subscriptions_need_a_stream_and_streams_take_only_subscriptions(s
             answer = await client.post(f"{url}/graphql", json={"query": ORDER, "variables": {"id": str(order["id"])}},
                                        headers={"authorization": f"Bearer {bearer}"})
         assert answer.status_code == 400 and "text/event-stream" in answer.json()["errors"][0]["message"]
+        # GET with the parameters in the URL (EventSource's way) streams as POST does.
+        async with httpx.AsyncClient(timeout=10) as client, client.stream(
+                "GET", f"{url}/graphql", params={"query": ORDER, "variables": json.dumps({"id": str(order["id"])})},
+                headers={"accept": "text/event-stream", "authorization": f"Bearer {bearer}"}) as stream:
+            lines = stream.aiter_lines()
+            assert [await anext(lines), (await anext(lines))[:6]] == ["event: next", "data: "]
         async with WsClient.connect(url, bearer) as ws:
             await ws.subscribe("q", "query { book(id: 1) { title } }")
             refused = await ws.receive()
