@@ -125,7 +125,7 @@ class _Connection:
                         await self._receive()
             except TimeoutError:
                 return self.close(4408, "Connection initialisation timeout")
-            while self.closing is None:
+            while True:  # also while finishing (1001 after what is queued): pongs, completes
                 await self._receive()
 
     async def _receive(self) -> None:
