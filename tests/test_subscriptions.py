@@ -236,8 +236,9 @@ def frame(message: dict[str, Any]) -> bytes:
 async def test_a_connection_that_does_not_read_is_dropped_with_4008(shop: Shop) -> None:
     """A client that stops reading: its subscriptions are released while it reads nothing; reading again, it finds a 4008 close."""
     order = await order_of(shop, "PLACED")
-    query = ("subscription($id: ID!) { orderUpdated(id: $id) { id status version items { titleAtPurchase "
-             "book { title isbn author { name bio } } } customer { name email } } }")
+    # Large messages (the same lines under eight aliases): a few rounds overflow any buffer.
+    lines = " ".join(f"l{n}: items {{ titleAtPurchase book {{ title isbn author {{ name bio }} }} }}" for n in range(8))
+    query = f"subscription($id: ID!) {{ orderUpdated(id: $id) {{ id status version {lines} customer {{ name email }} }} }}"
     async with live(shop, send_buffer=4096, live_queue=8) as (url, app):
         hub = app.state.gateway.live
         host, port = url.removeprefix("http://").split(":")
