@@ -417,3 +417,17 @@ async def test_subscriptions_need_a_stream_and_streams_take_only_subscriptions(s
             assert (refused["id"], refused["type"], refused["payload"][0]["extensions"]["code"]) == ("q", "error", "BAD_REQUEST")
             await ws.subscribe("s", ORDER, id=str(order["id"]))
             assert (await ws.receive())["type"] == "next"
+
+
+async def test_a_gap_in_the_feed_re_reads_every_followed_order(shop: Shop) -> None:
+    """Told of a gap (events it never saw), the hub reads the followed orders again: the subscriber gets the change anyway."""
+    order = await order_of(shop, "PLACED")
+    async with live(shop, follow_feeds=False) as (url, app), WsClient.connect(url, token(order["customerId"])) as ws:
+        await ws.subscribe("1", ORDER, id=str(order["id"]))
+        assert (await ws.receive())["payload"]["data"]["orderUpdated"]["version"] == order["version"]
+        version = await patch(shop, order["id"], "PAID")  # no feed followed: nobody is told
+        state = app.state.gateway
+        await state.cache.drop("orders", ["order"])  # what the follower does on a gap, then it tells the hub
+        state.live.lost("orders")
+        changed = await ws.receive()
+        assert changed["payload"]["data"]["orderUpdated"]["version"] == version
