@@ -28,7 +28,7 @@ from .consistency import Consistency
 from .cors import cors_middleware
 from .feed import FeedFollower
 from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
-from .health import MEMORY_CACHE, ReadinessProbe, readyz
+from .health import MEMORY_CACHE, ReadinessProbe, readyz, watch_loop
 from .flights import SingleFlight
 from .hub import LiveHub
 from .live import LIVE, Live
@@ -193,6 +193,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         telemetry = Telemetry(settings.services, tracer_provider or tracer_provider_from_env())
+        watching = asyncio.create_task(watch_loop(telemetry.metrics.loop_lag.observe), name="loop-lag")
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
         _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)
@@ -233,6 +234,7 @@ def create_app(
         finally:
             await live.close()  # first: subscribers are told (1001, complete) while the services still answer
             beating.cancel()
+            watching.cancel()
             if limits is not None:
                 limits.cancel()
             if listening is not None:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 if TYPE_CHECKING:
     from .state import GatewayState
 
-__all__ = ["ReadinessProbe", "MEMORY_CACHE", "readyz"]
+__all__ = ["ReadinessProbe", "MEMORY_CACHE", "readyz", "watch_loop"]
 
 log = logging.getLogger("bookvault.health")
 PROBE_TIMEOUT = 0.5  # seconds; a probe that takes longer is failing
@@ -47,6 +47,17 @@ async def _ok(probe: ReadinessProbe) -> bool:
     except Exception:  # a probe that fails in any way says "not ok"; why goes to the log
         log.warning("readiness probe %s/%s failed", probe.group, probe.name, exc_info=True)
         return False
+
+
+async def watch_loop(observe: Callable[[float], None], every: float = 0.02) -> None:
+    """Forever: sleep `every` seconds and `observe` how late the loop woke (seconds). A late
+    wake-up is time something held the event loop, which no request may do for long
+    (README, "Limits and cost"); bench/hostile_bench.py reads it from /metrics."""
+    loop = asyncio.get_running_loop()
+    while True:
+        expected = loop.time() + every
+        await asyncio.sleep(every)
+        observe(max(0.0, loop.time() - expected))
 
 
 async def readyz(request: Request) -> Response:

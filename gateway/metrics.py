@@ -81,6 +81,11 @@ class Metrics:
             "Services a request's consistency token named beyond this instance's feed: `waited` (caught up), "
             "`bypassed` (read past the caches), `refuted` (beyond the service's own feed)",
             ["service", "outcome"], registry=registry)
+        self.loop_lag = Histogram(
+            "bookvault_event_loop_lag_seconds",
+            "How late the event loop ran a 20 ms timer: how long something held the loop (or the process "
+            "waited for a CPU); the front door's promise is that no request holds it for ~50 ms",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=registry)
         self.duration = Histogram(
             "bookvault_graphql_request_duration_seconds", "Time from request to response, per GraphQL request",
             buckets=_LATENCY_BUCKETS, registry=registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -78,12 +79,20 @@ async def test_who_sees_what(shop: Shop, anonymous_gateway: httpx.AsyncClient) -
         assert codes(body) == errors, who
 
 
-async def test_another_customers_order_reads_nothing_behind_it(shop: Shop, anonymous_gateway: httpx.AsyncClient) -> None:
-    """Customer 8 asking for 7's order page: FORBIDDEN at `order`, and no payment, shipment or customer is read."""
+async def test_another_customers_order_reads_nothing_behind_it(shop: Shop, anonymous_gateway: httpx.AsyncClient,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Customer 8 asking for 7's order page: FORBIDDEN at `order`, no payment, shipment or customer is read,
+    and nothing of the order reaches the logs."""
     o7 = await first_order_of(shop, 7)
+    async with shop.client("orders") as orders:
+        order = (await orders.get(f"/orders/{o7}")).json()
     await shop.reset_stats()
-    body = await ask(anonymous_gateway, ORDER_PAGE, C8, id=str(o7))
+    with caplog.at_level(logging.DEBUG):
+        body = await ask(anonymous_gateway, ORDER_PAGE, C8, id=str(o7))
     assert body["data"] == {"order": None} and codes(body) == {("order",): "FORBIDDEN"}
+    assert order["total"]["amount"] not in body["errors"][0]["message"]
+    assert not any(order["total"]["amount"] in r.getMessage() or order["placedAt"] in r.getMessage()
+                   for r in caplog.records)
     calls = await shop.calls()
     assert [name for name, reqs in calls.items() if reqs] == ["orders"]
     anonymous = await ask(anonymous_gateway, ORDER_PAGE, ANONYMOUS, id=str(o7))

@@ -18,6 +18,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from gateway.cache import FORMAT
+from gateway.config import ResilienceConfig
 from gateway.consistency import TOKEN_COOKIE, TOKEN_HEADER
 from shop import Shop, SlowFeed, as_customer, own_redis, running_gateway
 
@@ -49,9 +50,12 @@ async def test_readers_echoing_the_token_never_see_a_version_go_back(shop: Shop)
     written: dict[tuple[int, int], float] = {}  # (book, version) -> when the write returned
     stop = asyncio.Event()
     with own_redis() as (url, _):
-        async with running_gateway(shop, redis_url=url) as (a, _), \
+        # A generous deadline: everything here shares one event loop, and this test is about
+        # versions, not about answering in time on a loaded machine.
+        slack = ResilienceConfig(deadline=10.0)
+        async with running_gateway(shop, redis_url=url, resilience=slack) as (a, _), \
                 running_gateway(shop, {"catalog": SlowFeed(shop.transports["catalog"], 0.2)}, redis_url=url,
-                                floor_channel=False) as (b, app_b):
+                                floor_channel=False, resilience=slack) as (b, app_b):
             instances = [a, b]
 
             async def writer(seed: int) -> None:
