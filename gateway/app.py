@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute, websocket_session
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 from strawberry.asgi import GraphQL
 
 from .auth import Authenticator, authentication
@@ -31,8 +31,8 @@ from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
 from .health import MEMORY_CACHE, ReadinessProbe, readyz, watch_loop
 from .flights import SingleFlight
 from .hub import LiveHub
-from .live import LIVE, Live
-from .live_sse import serve_sse, wants_events
+from .live import declared
+from .live_sse import EventStream, Streams
 from .live_ws import serve_websocket
 from .outbox import heartbeats
 from .metrics import BREAKER_STATES, CONTENT_TYPE, LiveCollector, record_retry
@@ -68,41 +68,6 @@ class _Schema(strawberry.Schema):
 
 def executable_schema(query: type, mutation: type | None = None, subscription: type | None = None) -> strawberry.Schema:
     return _Schema(query=query, mutation=mutation, subscription=subscription)
-
-
-def lives(schema: strawberry.Schema) -> list[Live]:
-    """The `Live` declarations of the schema's subscription fields."""
-    root = schema._schema.subscription_type
-    found = []
-    for field in root.fields.values() if root is not None else ():
-        definition = field.extensions.get("strawberry-definition")
-        live = (definition.metadata or {}).get(LIVE) if definition is not None else None
-        if live is not None:
-            found.append(live)
-    return found
-
-
-class _GraphQL:
-    """/graphql over HTTP: event streams (graphql-sse) to `events`, the rest to `queries`."""
-
-    def __init__(self, events: ASGIApp, queries: ASGIApp) -> None:
-        self.events, self.queries = events, queries
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if wants_events(scope) and scope["method"] in ("GET", "POST"):
-            await self.events(scope, receive, send)
-        else:
-            await self.queries(scope, receive, send)
-
-
-class _EventStream:
-    """A graphql-sse request, served by the live hub (gateway/live_sse.py)."""
-
-    def __init__(self, view: GraphQLView) -> None:
-        self.view = view
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_sse(self.view, scope, receive, send)
 
 
 def _checked(app: ASGIApp) -> ASGIApp:
@@ -182,7 +147,7 @@ def create_app(
     made from the OTEL_* variables (tests record spans)."""
     settings = settings or Settings.from_env()
     schema = executable_schema(api.query, api.mutation, api.subscription)
-    live_fields = lives(schema)
+    live_fields = declared(schema._schema)
     cache_policies = policies(settings, api.bindings)
     owned: dict[str, list[str]] = {name: [] for name in settings.services}
     feed_keys = {b.entity: b.feed_key for b in api.bindings if b.feed_key is not None}
@@ -263,7 +228,7 @@ def create_app(
             # (gateway/auth.py, gateway/ratelimit.py): a bad token or a caller over its
             # budget is answered before the request is read. Subscriptions (event streams,
             # WebSockets) pass the same two, not telemetry: a stream is not one request.
-            Route("/graphql", _GraphQL(_checked(_EventStream(view)), TelemetryMiddleware(_checked(view), _telemetry))),
+            Route("/graphql", Streams(_checked(EventStream(view)), TelemetryMiddleware(_checked(view), _telemetry))),
             WebSocketRoute("/graphql", _checked(websocket_session(serve_websocket))),
             Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),

@@ -23,6 +23,7 @@ from graphql import (
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
+    GraphQLSchema,
     OperationDefinitionNode,
     OperationType,
     Visitor,
@@ -41,7 +42,7 @@ from .source import Binding, Reader
 if TYPE_CHECKING:
     from .view import GraphQLView
 
-__all__ = ["LIVE", "Live", "Feed", "follow", "prepare"]
+__all__ = ["LIVE", "Live", "Feed", "declared", "follow", "prepare"]
 
 LIVE = "bookvault-live"
 KEY_VARIABLE = "bvLiveKey"  # the synthesized query's variable for the changed entity's id
@@ -66,6 +67,18 @@ class Live:
 
     def metadata(self) -> dict[str, Live]:
         return {LIVE: self}
+
+
+def declared(schema: GraphQLSchema) -> list[Live]:
+    """The `Live` declarations of the schema's subscription fields."""
+    root = schema.subscription_type
+    found = []
+    for field_def in root.fields.values() if root is not None else ():
+        definition = field_def.extensions.get("strawberry-definition")
+        live = (definition.metadata or {}).get(LIVE) if definition is not None else None
+        if live is not None:
+            found.append(live)
+    return found
 
 
 async def follow(*_: Any, **__: Any) -> AsyncGenerator[Any, None]:

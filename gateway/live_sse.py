@@ -19,7 +19,7 @@ import orjson
 from graphql import GraphQLError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import caller_of
 from .errors import GatewayError
@@ -30,7 +30,7 @@ from .persisted import PersistedQueryError
 from .state import gateway_state
 from .view import GraphQLView, RequestError, _capped, _read, format_errors
 
-__all__ = ["EVENT_STREAM", "serve_sse", "wants_events"]
+__all__ = ["EVENT_STREAM", "EventStream", "Streams", "serve_sse", "wants_events"]
 
 EVENT_STREAM = "text/event-stream"
 COMPLETE = b"event: complete\ndata:\n\n"
@@ -43,6 +43,29 @@ def wants_events(scope: Scope) -> bool:
         if key == b"accept":
             return EVENT_STREAM.encode() in value
     return False
+
+
+class Streams:
+    """/graphql over HTTP: event streams to `events`, the rest (one answer each) to `queries`."""
+
+    def __init__(self, events: ASGIApp, queries: ASGIApp) -> None:
+        self.events, self.queries = events, queries
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if wants_events(scope) and scope["method"] in ("GET", "POST"):
+            await self.events(scope, receive, send)
+        else:
+            await self.queries(scope, receive, send)
+
+
+class EventStream:
+    """The graphql-sse endpoint (ASGI) over the view's document cache and planner."""
+
+    def __init__(self, view: GraphQLView) -> None:
+        self.view = view
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_sse(self.view, scope, receive, send)
 
 
 def _next(payload: bytes) -> bytes:
