@@ -431,3 +431,45 @@ async def test_a_gap_in_the_feed_re_reads_every_followed_order(shop: Shop) -> No
         state.live.lost("orders")
         changed = await ws.receive()
         assert changed["payload"]["data"]["orderUpdated"]["version"] == version
+
+
+async def test_an_sse_client_that_does_not_read_is_cut_off(shop: Shop) -> None:
+    """An SSE stream whose client stops reading: released while the client reads nothing; the stream ends without `complete`."""
+    order = await order_of(shop, "PLACED")
+    item = ("items { quantity titleAtPurchase unitPrice { amount currency } book { title isbn publishedYear "
+            "price { amount currency } author { name bio } stock { available warehouse } } }")
+    lines = " ".join(f"l{n}: {item}" for n in range(190))
+    query = f"subscription($id: ID!) {{ orderUpdated(id: $id) {{ id version {lines} }} }}"  # over 100 KiB a message
+    settings = {"live_queue": 1, "max_aliases": 200, "max_selections": 10_000, "max_tokens": 50_000,
+                "max_query_length": 100_000, "max_cost": 1_000_000}
+    async with live(shop, send_buffer=4096, **settings) as (url, app):
+        hub = app.state.gateway.live
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        body = json.dumps({"query": query, "variables": {"id": str(order["id"])}}).encode()
+        await loop.sock_sendall(sock, (f"POST /graphql HTTP/1.1\r\nHost: {host}\r\naccept: text/event-stream\r\n"
+                                       f"authorization: Bearer {token(order['customerId'])}\r\n"
+                                       f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body)
+        async with asyncio.timeout(10):
+            while hub.count < 1:
+                await asyncio.sleep(0.02)
+        for status in ("PAID", "SHIPPED", "DELIVERED"):
+            rounds = hub.rounds
+            await patch(shop, order["id"], status)
+            async with asyncio.timeout(10):
+                while hub.rounds == rounds and hub.count:  # one round per change: no coalescing
+                    await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while hub.count:  # released while the client reads nothing
+                await asyncio.sleep(0.05)
+        received = b""
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 1 << 20):
+                received += chunk
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 200") and b"event: next" in received
+    assert b"event: complete" not in received  # cut off where it was, not completed
