@@ -89,16 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         gateway = Child("gateway", [sys.executable, "-m", "bookvault.cli", "gateway"], url, tier=1)
         return supervise(_services(args, settings) + [gateway], banner=f"GraphiQL: {url}/graphql  ")
     if args.command == "gateway":
-        import uvicorn
-
+        from bookvault.app import create_app
         from gateway.logs import configure
+        from gateway.serve import serve
 
         configure()  # one JSON line per request, on stderr
-        # On SIGTERM/Ctrl-C: in-flight requests finish (each is bounded by its deadline), then
-        # the lifespan ends the change-feed long-polls; past the grace period uvicorn cancels.
+        # On SIGTERM/Ctrl-C: subscriptions are ended (gateway/serve.py), in-flight requests
+        # finish (each is bounded by its deadline), then the lifespan ends the change-feed
+        # long-polls; past the grace period uvicorn cancels.
         grace = settings.resilience.deadline + 1
-        uvicorn.run("bookvault.app:create_app", factory=True, host=settings.host, port=settings.port, log_level="warning",
-                    timeout_graceful_shutdown=grace)
+        serve(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+              timeout_graceful_shutdown=grace)
         return 0
     if args.command == "token":
         return _token(args, settings)

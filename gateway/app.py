@@ -17,8 +17,8 @@ from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
-from starlette.types import Scope
+from starlette.routing import Route, WebSocketRoute, websocket_session
+from starlette.types import ASGIApp, Scope
 from strawberry.asgi import GraphQL
 from strawberry.schema.config import StrawberryConfig
 
@@ -31,7 +31,12 @@ from .feed import FeedFollower
 from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
 from .health import MEMORY_CACHE, ReadinessProbe, readyz, watch_loop
 from .flights import SingleFlight
-from .metrics import BREAKER_STATES, CONTENT_TYPE, record_retry
+from .hub import LiveHub
+from .live import declared
+from .live_sse import EventStream, Streams
+from .live_ws import serve_websocket
+from .outbox import heartbeats
+from .metrics import BREAKER_STATES, CONTENT_TYPE, LiveCollector, record_retry
 from .persisted import QueryStore, TrustedDocuments
 from .ratelimit import Limiter, RateLimitMiddleware
 from .resilience import BreakerState, Resilience
@@ -52,6 +57,7 @@ class Api:
     query: type
     bindings: tuple[Binding, ...]
     mutation: type | None = None
+    subscription: type | None = None  # its fields declare `Live` (ARCHITECTURE.md, "Live updates")
 
 
 class _Schema(strawberry.Schema):
@@ -61,10 +67,16 @@ class _Schema(strawberry.Schema):
         return None
 
 
-def executable_schema(query: type, mutation: type | None = None) -> strawberry.Schema:
+def executable_schema(query: type, mutation: type | None = None, subscription: type | None = None) -> strawberry.Schema:
     # @defer and @stream are declared (graphql-core's definitions); queries the planner
     # covers are delivered incrementally (ARCHITECTURE.md, "Incremental delivery").
-    return _Schema(query=query, mutation=mutation, config=StrawberryConfig(enable_experimental_incremental_execution=True))
+    return _Schema(query=query, mutation=mutation, subscription=subscription,
+                   config=StrawberryConfig(enable_experimental_incremental_execution=True))
+
+
+def _checked(app: ASGIApp) -> ASGIApp:
+    """Who is asking, then whether they may ask again so soon (gateway/auth.py, ratelimit.py)."""
+    return authentication(RateLimitMiddleware(app, _limiter), _authenticator)
 
 
 class _Strawberry(GraphQL):  # type: ignore[type-arg]
@@ -138,7 +150,8 @@ def create_app(
     instead of sleeping through a cool-down or a TTL); `tracer_provider` replaces the one
     made from the OTEL_* variables (tests record spans)."""
     settings = settings or Settings.from_env()
-    schema = executable_schema(api.query, api.mutation)
+    schema = executable_schema(api.query, api.mutation, api.subscription)
+    live_fields = declared(schema._schema)
     cache_policies = policies(settings, api.bindings)
     owned: dict[str, list[str]] = {name: [] for name in settings.services}
     feed_keys = {b.entity: b.feed_key for b in api.bindings if b.feed_key is not None}
@@ -158,10 +171,16 @@ def create_app(
         if settings.redis_url:
             redis = RedisLevel(settings.redis_url, timeout=settings.redis_timeout, rest=settings.redis_rest)
         cache = EntityCache(MemoryLevel(settings.cache_max_keys), redis, wall_clock, settings.cache_namespace)
+        source = EntitySource(upstream, cache, cache_policies, SingleFlight())
+        live = LiveHub(schema._schema, source, live_fields, limit=settings.live_max, deadline=settings.resilience.deadline)
+        live.start()
+        telemetry.metrics.registry.register(LiveCollector(live))
+        beating = asyncio.create_task(heartbeats(settings.live_heartbeat), name="live-heartbeats")
         feeds = None
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
-            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys)
+            feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys,
+                                 listeners=[live])
             feeds.start()
         # Floor raises other instances publish reach this one's L1 without waiting for its follower.
         listening = asyncio.create_task(cache.listen(), name="floor-channel") if redis and settings.floor_channel else None
@@ -170,7 +189,6 @@ def create_app(
         if feeds is not None:
             # Informational: until a feed has its cursor, that service's entries may be dropped.
             readiness += [ReadinessProbe("feeds", name, feeds.following(name)) for name in owned]
-        source = EntitySource(upstream, cache, cache_policies, SingleFlight())
         jwks = httpx.AsyncClient(timeout=settings.jwt.jwks_timeout, transport=(transports or {}).get("jwks")) \
             if settings.jwt.jwks_url else None
         authenticator = Authenticator(settings.jwt, jwks, clock=clock)
@@ -179,10 +197,12 @@ def create_app(
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
                                          readiness=readiness, limits=limits, consistency=consistency,
-                                         authenticator=authenticator, limiter=limiter)
+                                         authenticator=authenticator, limiter=limiter, live=live)
         try:
             yield
         finally:
+            await live.close()  # first: subscribers are told (1001, complete) while the services still answer
+            beating.cancel()
             watching.cancel()
             if limits is not None:
                 limits.cancel()
@@ -210,9 +230,10 @@ def create_app(
         routes=[
             # Who is asking, then whether they may ask again so soon, then the query
             # (gateway/auth.py, gateway/ratelimit.py): a bad token or a caller over its
-            # budget is answered before the request is read.
-            Route("/graphql", TelemetryMiddleware(authentication(RateLimitMiddleware(view, _limiter), _authenticator),
-                                                  _telemetry)),
+            # budget is answered before the request is read. Subscriptions (event streams,
+            # WebSockets) pass the same two, not telemetry: a stream is not one request.
+            Route("/graphql", Streams(_checked(EventStream(view)), TelemetryMiddleware(_checked(view), _telemetry))),
+            WebSocketRoute("/graphql", _checked(websocket_session(serve_websocket))),
             Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -170,6 +170,12 @@ class Settings:
     consistency_secret: str | None = None
     consistency_wait: float = 0.5  # seconds a request may wait for this instance's feed to catch up
     floor_channel: bool = True  # publish and follow floor raises over Redis pub/sub
+    # Live updates (README, "Subscriptions"): bounds per connection and per instance.
+    live_per_connection: int = 100  # subscriptions one WebSocket may hold
+    live_max: int = 10_000  # subscriptions this instance holds in all
+    live_queue: int = 64  # messages waiting for one connection past which it is dropped (slow consumer)
+    live_heartbeat: float = 15.0  # seconds between pings (WebSocket) and comment lines (SSE)
+    live_init_timeout: float = 5.0  # seconds a WebSocket has to send connection_init
 
     def token_secret(self) -> str:
         if self.consistency_secret:
@@ -226,6 +232,11 @@ class Settings:
             consistency_secret=env.get("BOOKVAULT_CONSISTENCY_SECRET") or None,
             consistency_wait=_float(env, "BOOKVAULT_CONSISTENCY_WAIT_MS", 500, zero_ok=True) / 1000,
             floor_channel=env.get("BOOKVAULT_FLOOR_CHANNEL", "1") not in ("0", "false", "no"),
+            live_per_connection=_int(env, "BOOKVAULT_LIVE_PER_CONNECTION", cls.live_per_connection),
+            live_max=_int(env, "BOOKVAULT_LIVE_MAX", cls.live_max),
+            live_queue=_int(env, "BOOKVAULT_LIVE_QUEUE", cls.live_queue),
+            live_heartbeat=_float(env, "BOOKVAULT_LIVE_HEARTBEAT_S", cls.live_heartbeat),
+            live_init_timeout=_float(env, "BOOKVAULT_LIVE_INIT_TIMEOUT_S", cls.live_init_timeout),
         )
 
 

@@ -34,7 +34,7 @@ from .source import Reader, Stale
 if TYPE_CHECKING:
     from .auth import Caller
 
-__all__ = ["Part", "execute_incremental", "execute_plan"]
+__all__ = ["Fetched", "Part", "execute_incremental", "execute_plan"]
 
 Fetched = dict[int, dict[Any, Any]]  # id(binding) -> key -> answer
 
@@ -43,12 +43,15 @@ class _Null(Exception):
     """A null in a non-null position: the error is recorded, the parent becomes null."""
 
 
-async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader
+async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fetched: Fetched | None = None
                        ) -> tuple[dict[str, Any] | None, list[GraphQLError], list[dict[str, Any]]]:
     """`data`, the field errors and the stale entries served, for one operation (a plan
-    without incremental delivery)."""
+    without incremental delivery). `fetched`: entities already read, not read again (a live
+    update's shared read, gateway/hub.py)."""
     assert not plan.incremental
     run = _Run(variables, reader.caller)
+    if fetched is not None:
+        run.fetched = fetched
     await run.fetch(plan, reader)
     data = run.shape_root(plan.root)
     return data, run.errors, run.stale

@@ -19,16 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from .cache import EntityCache, RedisUnavailable
 from .errors import UpstreamError
 from .upstream import Upstream
 
-__all__ = ["FeedFollower"]
+__all__ = ["FeedFollower", "FeedListener"]
 
 log = logging.getLogger("bookvault.feed")
+
+
+class FeedListener(Protocol):
+    """Told of every page of a service's events once the cache has applied it (live
+    updates, gateway/hub.py). Called on the follower's task: it must not block or raise;
+    it queues the work and returns."""
+
+    def changed(self, service: str, events: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def lost(self, service: str) -> None:
+        """A gap in the feed: any of the service's entities may have changed unannounced."""
 
 
 class FeedFollower:
@@ -40,6 +51,7 @@ class FeedFollower:
         keep: Mapping[str, float],
         wait: float = 10.0,
         feed_keys: Mapping[str, str] | None = None,
+        listeners: Sequence[FeedListener] = (),
     ) -> None:
         self.upstream = upstream
         self.cache = cache
@@ -49,6 +61,7 @@ class FeedFollower:
         # entity -> the event field naming its cache key, for entities cached under another's
         # key (payment -> "orderId"); their floors are feed seqs (README, "The versioned cache").
         self.feed_keys = dict(feed_keys or {})
+        self.listeners = tuple(listeners)
         self.cursors: dict[str, int] = {}
         self._advanced = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -109,9 +122,21 @@ class FeedFollower:
                 await self.cache.drop(service, self.entities[service])
                 if latest < cursor:  # the service's feed was reset: start again at its head
                     following = latest
+                self._tell(lambda listener: listener.lost(service))
             await self.cache.invalidate_many(self._changes(events))
             await self._advance(service, following)
             cursor = following
+            if events:
+                self._tell(lambda listener: listener.changed(service, events))
+
+    def _tell(self, call: Callable[[FeedListener], None]) -> None:
+        """After the cache (a listener's read sees the raised floors); a failing listener
+        is logged and never stops the feed."""
+        for listener in self.listeners:
+            try:
+                call(listener)
+            except Exception:
+                log.exception("a change-feed listener failed")
 
     def _changes(self, events: list[dict[str, Any]]) -> list[tuple[str, int, int, float]]:
         """(entity, cache key, floor, seconds kept) per event; an event outside the contract

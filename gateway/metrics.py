@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import (
@@ -23,6 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = [
     "Metrics",
@@ -32,6 +34,7 @@ __all__ = [
     "record_stale",
     "record_retry",
     "record_consistency",
+    "LiveCollector",
 ]
 
 # The breaker gauge's values: an alert on `> 0` catches every breaker that is not closed.
@@ -131,3 +134,19 @@ def record_consistency(service: str, outcome: str) -> None:
     `outcome` is "waited", "bypassed" or "refuted"."""
     if (m := _CURRENT.get()) is not None:
         m.consistency.labels(service, outcome).inc()
+
+
+class LiveCollector:
+    """The live hub's counts, read when /metrics is scraped (README, "Subscriptions"); the
+    hub keeps plain integers, so a message costs no series update."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Any]:
+        hub = self.hub
+        yield GaugeMetricFamily("bookvault_live_subscriptions", "Subscriptions this instance holds", value=hub.count)
+        yield CounterMetricFamily("bookvault_live_messages", "Messages queued to subscribers", value=hub.sent)
+        yield CounterMetricFamily("bookvault_live_slow_consumers", "Subscriptions dropped because their client "
+                                  "did not read (WebSocket 4008)", value=hub.dropped)
+        yield CounterMetricFamily("bookvault_live_rounds", "Rounds of changes read and fanned out", value=hub.rounds)

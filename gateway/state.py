@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
@@ -18,6 +19,9 @@ from .resilience import Resilience
 from .source import EntitySource
 from .telemetry import Telemetry
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .hub import LiveHub  # which imports the view, which imports this module
 
 __all__ = ["GatewayState", "gateway_state"]
 
@@ -38,6 +42,7 @@ class GatewayState:
     consistency: Consistency | None = None  # consistency tokens (gateway/consistency.py)
     authenticator: Authenticator | None = None  # bearer tokens into callers (gateway/auth.py)
     limiter: Limiter | None = None  # rate limits per caller (gateway/ratelimit.py)
+    live: LiveHub | None = None  # subscriptions (gateway/hub.py)
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -194,6 +194,8 @@ class GraphQLView:
                 # GraphQL over HTTP: GET is for queries only; 405 says to use POST.
                 raise RequestError(405, "mutations are not allowed when using GET", "METHOD_NOT_ALLOWED",
                                    headers={"Allow": "POST"})
+            if operation.operation is OperationType.SUBSCRIPTION:  # a stream, not one answer (gateway/live_sse.py)
+                raise RequestError(400, "subscriptions need Accept: text/event-stream or a graphql-transport-ws WebSocket")
         if document.errors or operation is None:
             return self.request_error(document.errors, media)
         if register:

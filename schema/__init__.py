@@ -10,13 +10,14 @@ from gateway import Api, executable_schema
 
 from .mutation import Mutation
 from .query import Query
+from .subscription import Subscription
 from .types import BINDINGS
 
-__all__ = ["API", "BINDINGS", "Mutation", "Query", "SDL_PATH", "sdl"]
+__all__ = ["API", "BINDINGS", "Mutation", "Query", "SDL_PATH", "Subscription", "sdl"]
 
 SDL_PATH = Path(__file__).with_name("schema.graphql")
-API = Api(Query, BINDINGS, Mutation)
+API = Api(Query, BINDINGS, Mutation, Subscription)
 
 
 def sdl() -> str:
-    return executable_schema(Query, Mutation).as_str() + "\n"
+    return executable_schema(Query, Mutation, Subscription).as_str() + "\n"

@@ -190,10 +190,14 @@ def closed_port_url() -> str:
 
 
 @contextlib.asynccontextmanager
-async def on_a_real_port(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
+async def on_a_real_port(app: Any, lifespan: str = "off", send_buffer: int | None = None) -> AsyncIterator[str]:
     """Serve `app` on a real 127.0.0.1 socket, so httpx's own timeouts apply; yields its URL.
-    `lifespan="on"` has uvicorn run the app's lifespan, "off" is for an app already started."""
+    `lifespan="on"` has uvicorn run the app's lifespan, "off" is for an app already started.
+    `send_buffer`: the kernel's send buffer of each connection, in bytes (small: a client that
+    does not read backs the server's writes up at once, not after megabytes)."""
     sock = socket.socket()
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning", timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve(sockets=[sock]))

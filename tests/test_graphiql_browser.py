@@ -142,6 +142,45 @@ async def test_graphiql_shows_a_deferred_fragment_when_its_part_arrives(shop):
     assert problems == []
 
 
+async def test_graphiql_runs_a_subscription_over_its_websocket_and_shows_each_change(shop):
+    """In chromium, GraphiQL runs orderUpdated with the Headers tab's token (sent in connection_init): the order, then its new status after a PATCH."""
+    async with shop.client("orders") as orders:
+        order = (await orders.get("/orders/4850")).json()
+    problems: list[str] = []
+    sockets: list[str] = []
+    query = "subscription($id: ID!) { orderUpdated(id: $id) { id status version } }"
+    result_text = """() => { const cm = document.querySelector('.result-window .CodeMirror');
+                             const text = cm && cm.CodeMirror.getValue(); return text && text.includes('"data"') && text; }"""
+    async with gateway_on_a_port(shop) as url, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"{url}/graphql")
+            await page.wait_for_selector('[aria-label="Query Editor"] .CodeMirror', timeout=20_000)
+            await _set_editor(page, '[aria-label="Query Editor"] .CodeMirror', query)
+            await _set_editor(page, '[aria-label="Variables"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"id": "4850"}))
+            await page.get_by_role("button", name="Headers").click()
+            await _set_editor(page, '[aria-label="Headers"] .graphiql-editor:not(.hidden) .CodeMirror',
+                              json.dumps({"Authorization": STAFF["authorization"]}))
+            await page.click(".graphiql-execute-button")
+            first = json.loads(await (await page.wait_for_function(result_text, timeout=20_000)).json_value())
+            status = {"PLACED": "PAID", "PAID": "SHIPPED", "SHIPPED": "DELIVERED"}[order["status"]]
+            async with shop.client("orders") as orders:
+                (await orders.patch("/orders/4850", json={"status": status})).raise_for_status()
+            changed = await page.wait_for_function(
+                f"() => {{ const t = ({result_text})(); return t && t.includes('{status}') && t; }}", timeout=20_000)
+            second = json.loads(await changed.json_value())
+        finally:
+            await browser.close()
+    assert first["data"]["orderUpdated"] == {"id": "4850", "status": order["status"], "version": order["version"]}
+    assert second["data"]["orderUpdated"] == {"id": "4850", "status": status, "version": order["version"] + 1}
+    assert [urlsplit(s).path for s in sockets] == ["/graphql"] and urlsplit(sockets[0]).scheme == "ws"
+    assert problems == []
+
+
 @pytest.fixture(autouse=True)
 def _chromium_is_installed() -> None:
     assert Path(CHROMIUM).exists(), "chromium missing: .ci/run installs it (apt-get install chromium)"
