@@ -52,10 +52,10 @@ async def test_readers_echoing_the_token_never_see_a_version_go_back(shop: Shop)
     with own_redis() as (url, _):
         # A generous deadline: everything here shares one event loop, and this test is about
         # versions, not about answering in time on a loaded machine.
-        slack = ResilienceConfig(deadline=10.0)
-        async with running_gateway(shop, redis_url=url, resilience=slack) as (a, _), \
+        slack, patient = ResilienceConfig(deadline=10.0), {"read_timeout": 8.0}
+        async with running_gateway(shop, redis_url=url, resilience=slack, service=patient) as (a, _), \
                 running_gateway(shop, {"catalog": SlowFeed(shop.transports["catalog"], 0.2)}, redis_url=url,
-                                floor_channel=False, resilience=slack) as (b, app_b):
+                                floor_channel=False, resilience=slack, service=patient) as (b, app_b):
             instances = [a, b]
 
             async def writer(seed: int) -> None:
