@@ -73,13 +73,15 @@ async def test_readers_echoing_the_token_never_see_a_version_go_back(shop: Shop)
                 reads, regressions, lags = 0, 0, []
                 while not stop.is_set():
                     book = rng.choice(books)
+                    started = time.monotonic()
                     version, answered = await read_book(rng.choice(instances), book, token if echo else None)
                     reads += 1
                     token = answered
                     if version < seen.get(book, 0):
                         regressions += 1
-                        # How long the version served had been superseded when it was served.
-                        lags.append(time.monotonic() - written.get((book, version + 1), time.monotonic()))
+                        # How long the version served had been superseded when the read began (a read
+                        # that began before the write may answer either version, however long it takes).
+                        lags.append(max(0.0, started - written.get((book, version + 1), started)))
                     seen[book] = max(seen.get(book, 0), version)
                 return reads, regressions, lags
 
