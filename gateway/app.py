@@ -163,6 +163,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         telemetry = Telemetry(settings.services, tracer_provider or tracer_provider_from_env())
         watching = asyncio.create_task(watch_loop(telemetry.metrics.loop_lag.observe), name="loop-lag")
+        if settings.document_workers:
+            view.documents.start()  # the document worker, started before the first query needs it
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
         _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)

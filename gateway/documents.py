@@ -118,6 +118,7 @@ class DocumentCache:
         self._loading: dict[str, asyncio.Future[Document]] = {}
         self._rules = _rules(self.limits)
         self._executor: Executor | None = None
+        self._starting: asyncio.Future[Any] | None = None  # the worker process being started
 
     def get(self, text: str) -> Document:
         """The document of `text`, loaded on the calling thread if it is not cached."""
@@ -145,23 +146,38 @@ class DocumentCache:
             flight.add_done_callback(lambda f: self._landed(text, f))
         return await asyncio.shield(flight)
 
+    def start(self) -> asyncio.Future[Any]:
+        """Start the worker in the background (the app's lifespan calls this): the fork server
+        imports the gateway (~0.5 s), and starting a process blocks whoever starts it, so
+        it is done from a thread, once, before any document is sent to it."""
+        if self._starting is None:
+            executor = self._processes()
+            self._starting = asyncio.ensure_future(asyncio.to_thread(executor.submit, _warm))
+            # Closed while starting (a short-lived app): the next load, if any, says why.
+            self._starting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._starting
+
+    def _processes(self) -> Executor:
+        if self._executor is None:
+            # forkserver: a worker is forked from a clean process with this module loaded,
+            # never from this one (its threads and event loop do not survive a fork).
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                                 initargs=(print_schema(self.schema), self.limits))
+        return self._executor
+
     async def _away(self, text: str) -> Document:
         """`text` loaded off the event loop: in a worker process, or a thread."""
         loop = asyncio.get_running_loop()
         if self.workers and not isinstance(self._executor, ThreadPoolExecutor):
-            if self._executor is None:
-                # forkserver: a worker is forked from a clean process with this module loaded,
-                # never from this one (its threads and event loop do not survive a fork).
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload([__name__])
-                self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                                     initargs=(print_schema(self.schema), self.limits))
             try:
+                await self.start()
                 wire = await loop.run_in_executor(self._executor, _load_in_worker, text)
                 if wire[3]:
                     self.validations += 1
                 return _from_wire(text, wire)
-            except (BrokenProcessPool, OSError) as exc:
+            except (BrokenProcessPool, OSError, RuntimeError) as exc:  # broken, or shut down under us
                 log.warning("document workers failed (%s): new documents are loaded in a thread", type(exc).__name__)
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
@@ -234,6 +250,10 @@ def _start_worker(sdl: str, limits: Limits) -> None:
     # Ctrl-C reaches the whole process group: the gateway stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = (build_schema(sdl), limits, _rules(limits))
+
+
+def _warm() -> None:
+    """Nothing: submitted once so that the worker starts before the first document needs it."""
 
 
 def _load_in_worker(text: str) -> Wire:
