@@ -55,7 +55,7 @@ class PlaceOrderInput:
     shipping_address: AddressInput
     payment_method: str = strawberry.field(description='e.g. "card"; "card-declined" is always declined')
     customer_id: strawberry.ID | None = strawberry.field(
-        default=None, description="Until authentication: the customer ordering (or the X-Customer-Id header)")
+        default=None, description="The customer ordering: staff only; a customer's token already says who they are")
 
 
 @strawberry.type(description="What a checkout came to within the request's time: the order PAID, or still PENDING "
