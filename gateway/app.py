@@ -154,7 +154,11 @@ def create_app(
     live_fields = declared(schema._schema)
     cache_policies = policies(settings, api.bindings)
     owned: dict[str, list[str]] = {name: [] for name in settings.services}
-    feed_keys = {b.entity: b.feed_key for b in api.bindings if b.feed_key is not None}
+    feed_keys = {b.entity: b.feed_key for b in api.bindings if b.feed_key is not None and b.follows is None}
+    derived: dict[str, list[tuple[str, str]]] = {}  # event entity -> entities cached from its events
+    for binding in api.bindings:
+        if binding.follows is not None and binding.feed_key is not None:
+            derived.setdefault(binding.follows, []).append((binding.entity, binding.feed_key))
     for binding in api.bindings:
         if binding.policy is not None:
             owned.setdefault(binding.service, []).append(binding.entity)
@@ -182,7 +186,7 @@ def create_app(
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
             feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys,
-                                 listeners=[live])
+                                 derived=derived, listeners=[live])
             feeds.start()
         # Floor raises other instances publish reach this one's L1 without waiting for its follower.
         listening = asyncio.create_task(cache.listen(), name="floor-channel") if redis and settings.floor_channel else None
@@ -219,7 +223,7 @@ def create_app(
             if redis is not None:
                 await redis.close()
             await store.close()
-            view.documents.close()
+            await view.documents.aclose()
             if tracer_provider is None:  # ours: export what is still buffered, off the event loop
                 await asyncio.to_thread(telemetry.tracer_provider.shutdown)
 

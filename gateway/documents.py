@@ -28,7 +28,11 @@ import asyncio
 import hashlib
 import logging
 import multiprocessing
+import os
+import select
 import signal
+import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -164,7 +168,7 @@ class DocumentCache:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
             self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                                 initargs=(print_schema(self.schema), self.limits))
+                                                 initargs=(print_schema(self.schema), self.limits, os.getpid()))
         return self._executor
 
     async def _away(self, text: str) -> Document:
@@ -201,6 +205,13 @@ class DocumentCache:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+    async def aclose(self) -> None:
+        """Stop the worker and wait for it to exit (off the event loop): a process killed by
+        its stop signal right after the lifespan runs no exit handlers to do it."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
 
     def _load(self, text: str) -> Document:
         document = _load(text, self.schema, self.limits, self._rules)
@@ -245,11 +256,29 @@ _WORKER: tuple[GraphQLSchema, Limits, list[Any]] | None = None  # this worker pr
 Wire = tuple[DocumentNode | None, list[tuple[str, list[int] | None, dict[str, Any] | None]], tuple[str, ...], bool]
 
 
-def _start_worker(sdl: str, limits: Limits) -> None:
+def _start_worker(sdl: str, limits: Limits, gateway: int) -> None:
     global _WORKER
     # Ctrl-C reaches the whole process group: the gateway stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = (build_schema(sdl), limits, _rules(limits))
+    threading.Thread(target=_exit_with, args=(gateway,), daemon=True, name="gateway-watch").start()
+
+
+def _exit_with(gateway: int) -> None:
+    """Exit when the gateway does. A worker is the fork server's child and holds its own
+    queue's pipes, so nothing tells it that a gateway killed (SIGKILL, or a re-raised stop
+    signal) is gone; it would live on, holding the gateway's stderr."""
+    try:
+        pidfd = os.pidfd_open(gateway)  # Linux: readable once the process has exited
+        select.select([pidfd], [], [])
+    except (AttributeError, OSError):  # no pidfd here: look every second
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(gateway, 0)
+            except ProcessLookupError:
+                break
+    os._exit(0)
 
 
 def _warm() -> None:

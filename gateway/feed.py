@@ -51,6 +51,7 @@ class FeedFollower:
         keep: Mapping[str, float],
         wait: float = 10.0,
         feed_keys: Mapping[str, str] | None = None,
+        derived: Mapping[str, Sequence[tuple[str, str]]] | None = None,
         listeners: Sequence[FeedListener] = (),
     ) -> None:
         self.upstream = upstream
@@ -61,6 +62,9 @@ class FeedFollower:
         # entity -> the event field naming its cache key, for entities cached under another's
         # key (payment -> "orderId"); their floors are feed seqs (README, "The versioned cache").
         self.feed_keys = dict(feed_keys or {})
+        # event entity -> (entity, event field) cached from it: "order" -> ("orderPage",
+        # "customerId"); their floors are feed seqs too.
+        self.derived = {entity: tuple(pairs) for entity, pairs in (derived or {}).items()}
         self.listeners = tuple(listeners)
         self.cursors: dict[str, int] = {}
         self._advanced = asyncio.Condition()
@@ -144,13 +148,17 @@ class FeedFollower:
         out = []
         for event in events:
             entity = event.get("entity") if isinstance(event, dict) else None
-            keep = self.keep.get(entity) if isinstance(entity, str) else None
-            if keep is None:
+            if not isinstance(entity, str):
                 continue
-            field = self.feed_keys.get(entity)  # type: ignore[arg-type]
+            keep = self.keep.get(entity)
+            field = self.feed_keys.get(entity)
             key, floor = (event.get("id"), event.get("version")) if field is None else (event.get(field), event.get("seq"))
-            if isinstance(key, int) and isinstance(floor, int):
+            if keep is not None and isinstance(key, int) and isinstance(floor, int):
                 out.append((entity, key, floor, keep))
+            for derived, field in self.derived.get(entity, ()):
+                key, floor, keep = event.get(field), event.get("seq"), self.keep.get(derived)
+                if keep is not None and isinstance(key, int) and isinstance(floor, int):
+                    out.append((derived, key, floor, keep))
         return out
 
     async def _start_cursor(self, service: str) -> int:

@@ -73,6 +73,9 @@ class Binding:
     # id (a payment cached by its order: "orderId"). Such entries are ordered by feed
     # position, not version: several entities answer for one key over time (gateway/feed.py).
     feed_key: str | None = None
+    # The event entity whose changes invalidate this one's entries, when it has no events of
+    # its own: a customer's pages of orders follow "order" events, by their `feed_key`.
+    follows: str | None = None
     # The payload field naming the customer who owns the entity (an order's "customerId");
     # when it is `key` itself (a customer's "id"), ownership is known before the call.
     owner: str | None = None
@@ -83,6 +86,8 @@ class Binding:
     def __post_init__(self) -> None:
         if self.many and self.policy is not None:
             raise ValueError(f"{self.entity}: one-to-many bindings are not cached")
+        if self.follows is not None and self.feed_key is None:
+            raise ValueError(f"{self.entity}: follows {self.follows} events by which field? (feed_key)")
 
 
 @dataclass(frozen=True)
@@ -178,20 +183,22 @@ class Reader:
 
     # -- one batch call ------------------------------------------------------------------
 
-    def _scope(self, binding: Binding) -> tuple[CachePolicy, str] | None:
-        """Where `binding`'s entries live for this caller; None: nothing is cached."""
+    def _scope(self, binding: Binding, query: str = "") -> tuple[CachePolicy, str] | None:
+        """Where `binding`'s entries live for this caller; None: nothing is cached. A read
+        with a `query` (a page's ``&limit=20``) has entries of its own beside the others of
+        the key: an event or an eviction drops them all."""
         policy = self.source.policy(binding)
         if self.source.cache is None or policy is None or policy.ttl <= 0:
             return None  # a TTL of 0 turns the cache off for the type: nothing read or written
         if policy.private:
             # Private data is cached per caller and never for anonymous callers (ARCHITECTURE.md).
-            return (policy, f"u:{self.identity}") if self.identity else None
-        return policy, "public"
+            return (policy, f"u:{self.identity}{query}") if self.identity else None
+        return policy, f"public{query}"
 
     async def _chunk(self, binding: Binding, keys: list[Any], query: str) -> dict[Any, Any]:
         with batch_span(binding.service, binding.path, len(keys)):
             bypass = await self._settle(binding)
-            scoped = None if bypass else self._scope(binding)
+            scoped = None if bypass else self._scope(binding, query)
             if scoped is None:
                 fetched = await self._fetch(binding, keys, query, bypass)
                 return {k: self._result(binding, k, fetched) for k in keys}
@@ -212,7 +219,7 @@ class Reader:
                     p = fetched.get(k)
                     if self._refused(binding, p) is not None:
                         continue  # another customer's: never cached in this caller's scope
-                    if isinstance(p, dict) and isinstance(p.get("version"), int):
+                    if isinstance(p, dict) and (by_seq or isinstance(p.get("version"), int)):
                         entries[k] = Entry(p, seq if by_seq else p["version"], now, binding.service, seq=seq)
                     elif p is None and binding.optional:
                         # "There is none" is an answer too; version 0 yields to any announced change.

@@ -199,6 +199,8 @@ class Event(Strict):
     at: datetime
     orderId: int | None = Field(None, description="payment and shipment events: the order the entity belongs "
                                                  "to, the key readers look it up by")
+    customerId: int | None = Field(None, description="order events: the order's customer, whose pages of orders "
+                                                    "it changes")
 
 
 class EventPage(Strict):

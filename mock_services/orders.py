@@ -15,7 +15,7 @@ from . import checkout, models
 from .api import IDS_PATTERN, Api, batch_of, query_param, ref
 from .app import ServiceSpec
 from .context import context
-from .db import BigId, add_outbox, now_iso
+from .db import BigId, EventKey, add_outbox, now_iso
 from .demo_data import Shop
 from .errors import BadRequest, Conflict
 from .params import cents, money, parse_id, parse_ids, parse_int, read_body
@@ -197,4 +197,7 @@ def seed(shop: Shop) -> dict:
     } for o in shop.orders]}
 
 
-SPEC = ServiceSpec("orders", 8104, ("order",), metadata, routes, seed, background=checkout.resumer)
+# Order events name the order's customer: a reader caching a customer's pages of orders
+# drops them when one of the customer's orders changes (README, "The change feed").
+SPEC = ServiceSpec("orders", 8104, ("order",), metadata, routes, seed, background=checkout.resumer,
+                   event_keys=(EventKey("order", "customerId", orders.c.id, orders.c.customer_id),))

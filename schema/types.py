@@ -44,9 +44,11 @@ PAYMENT = Binding("payment", "payments", "/payments", lambda p: Payment.of(p), p
 SHIPMENT = Binding("shipment", "shipping", "/shipments", lambda p: Shipment.of(p), param="orderIds", key="orderId",
                    optional=True, identity=None, policy=CachePolicy(15.0, HOUR, private=True), feed_key="orderId",
                    through_parent=True)
-# The first page of many customers' orders in one call; never cached (pages move with every order).
+# The first page of many customers' orders in one call. A page moves with every order of its
+# customer: order events name the customer, and drop the customer's pages (any `first`).
 ORDER_PAGES = Binding("orderPage", "orders", "/orders", lambda p: OrderConnection.of(p), param="customerIds",
-                      key="customerId", identity=None, owner="customerId")
+                      key="customerId", identity=None, owner="customerId",
+                      policy=CachePolicy(MINUTE, HOUR, private=True), feed_key="customerId", follows="order")
 BINDINGS = (CUSTOMER, BOOK, AUTHOR, STOCK, ORDER, PAYMENT, SHIPMENT, ORDER_PAGES)
 
 

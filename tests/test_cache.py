@@ -52,14 +52,15 @@ async def patch_price(shop: Shop, book_id: int, amount: str) -> int:
 
 @pytest.mark.parametrize("redis_url", [None, REDIS], ids=["l1", "l1+redis"])
 async def test_repeated_history_makes_no_calls_for_cached_public_types(shop: Shop, namespace: str, redis_url: str | None) -> None:
-    """The second order history costs no catalog or inventory call; private types are reused only by the same caller."""
+    """The second order history costs no call at all (its page of orders included); private types are reused only by
+    the same caller."""
     alice = as_customer(7)
     async with running_gateway(shop, redis_url=redis_url, cache_namespace=namespace) as (client, _):
         first = await ask(client, HISTORY, alice, id="7")
         assert (await count_calls(shop))["catalog"] == 2
         again = await ask(client, HISTORY, alice, id="7")
         assert again["data"] == first["data"]
-        assert await count_calls(shop) == {"customers": 0, "catalog": 0, "inventory": 0, "orders": 1,  # the page itself
+        assert await count_calls(shop) == {"customers": 0, "catalog": 0, "inventory": 0, "orders": 0,
                                            "payments": 0, "shipping": 0}
         await ask(client, HISTORY, id="7")  # staff: public types from cache, private ones asked again
         assert await count_calls(shop) == {"customers": 1, "catalog": 0, "inventory": 0, "orders": 1,
@@ -153,6 +154,26 @@ async def test_stale_books_are_served_when_the_catalog_fails_until_max_stale(sho
     assert {(tuple(e["path"]), e["extensions"]["code"], e["extensions"]["service"]) for e in gone["errors"]} == {
         (("books", 0), "UPSTREAM_UNAVAILABLE", "catalog"), (("books", 1), "UPSTREAM_UNAVAILABLE", "catalog")}
     assert "stale" not in gone.get("extensions", {})
+
+
+async def test_a_new_order_drops_the_customers_cached_pages(shop: Shop) -> None:
+    """A warm history (any `first`) shows an order placed at the orders service once its event arrives, not a minute later."""
+    query = "query($id: ID!, $n: Int!) { customer(id: $id) { orders(first: $n) { totalCount nodes { id } } } }"
+    alice = as_customer(7)
+    async with running_gateway(shop) as (client, app):
+        before = {n: (await ask(client, query, alice, id="7", n=n))["data"]["customer"]["orders"] for n in (3, 5)}
+        assert [len(before[n]["nodes"]) for n in (3, 5)] == [3, 5]  # one cached page per size
+        async with shop.client("orders") as orders:
+            line = {"bookId": 11, "quantity": 1, "unitPrice": {"amount": "3.00", "currency": "EUR"}, "titleAtPurchase": "X"}
+            created = await orders.post("/orders", json={"customerId": 7, "items": [line]})
+            assert created.status_code == 201, created.text
+        await asyncio.wait_for(app.state.gateway.feeds.reached("orders", int(created.headers["x-feed-seq"])), 10)
+        await shop.reset_stats()
+        for n in (3, 5):
+            after = (await ask(client, query, alice, id="7", n=n))["data"]["customer"]["orders"]
+            assert after["totalCount"] == before[n]["totalCount"] + 1
+            assert after["nodes"][0]["id"] == str(created.json()["id"])
+        assert len((await shop.calls())["orders"]) == 2  # each size's page read again, once
 
 
 async def test_private_records_never_cross_callers(shop: Shop, namespace: str) -> None:

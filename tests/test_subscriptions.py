@@ -389,7 +389,12 @@ async def test_stopping_the_gateway_process_tells_subscribers_before_connections
                     await ws.receive()
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
             # uvicorn re-raises the signal it stopped on once it has stopped: -SIGTERM is a clean exit.
-            assert await asyncio.wait_for(process.wait(), 10) in (0, -signal.SIGTERM)
+            try:
+                code = await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise AssertionError((await process.stderr.read()).decode()[-3000:]) from None  # type: ignore[union-attr]
+            assert code in (0, -signal.SIGTERM)
         finally:
             if process.returncode is None:
                 os.killpg(process.pid, signal.SIGKILL)
