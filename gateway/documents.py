@@ -201,11 +201,6 @@ class DocumentCache:
             self._documents.popitem(last=False)
         return document
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
     async def aclose(self) -> None:
         """Stop the worker and wait for it to exit (off the event loop): a process killed by
         its stop signal right after the lifespan runs no exit handlers to do it."""

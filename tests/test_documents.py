@@ -46,7 +46,7 @@ async def test_a_worker_process_loads_documents_as_they_are_loaded_in_place() ->
         assert away.validations == in_place.validations == len(TEXTS) - 3
         assert away._executor is not None and type(away._executor).__name__ == "ProcessPoolExecutor"
     finally:
-        away.close()
+        await away.aclose()
 
 
 async def test_a_broken_worker_is_replaced_by_a_thread() -> None:
@@ -60,4 +60,4 @@ async def test_a_broken_worker_is_replaced_by_a_thread() -> None:
         assert outcome(loaded) == outcome(DocumentCache(SCHEMA).get(TEXTS[-5]))
         assert away.workers == 0
     finally:
-        away.close()
+        await away.aclose()
