@@ -37,13 +37,13 @@ from starlette.types import ASGIApp, Scope
 from .config import JwtConfig
 from .errors import Unauthenticated
 
-__all__ = ["Authenticator", "Caller", "authentication", "bearer", "caller_of", "forward_caller", "mint"]
+__all__ = ["Authenticator", "Caller", "authentication", "bearer", "caller_of", "caller_header", "mint"]
 
 ASYMMETRIC = ("RS256", "ES256")
 REVERIFY = 60.0  # seconds a verified token is trusted before its signature is checked again
 MAX_VERIFIED = 10_000  # verified tokens remembered
 CALLER_HEADER = "x-bookvault-caller"  # who asked, for the services' logs (beside traceparent)
-# The request's caller, for the upstream clients' request hook (`forward_caller`).
+# The request's caller, named to the services on every upstream call (`caller_header`).
 _CURRENT: ContextVar[Caller | None] = ContextVar("bookvault_caller", default=None)
 
 
@@ -99,12 +99,11 @@ def caller_of(scope: Scope) -> Caller | None:
     return user if isinstance(user, Caller) else None
 
 
-async def forward_caller(request: httpx.Request) -> None:
-    """An upstream client's request hook: the services log who asked. A read shared by
-    single-flight (public data) names the caller whose request sent it."""
+def caller_header() -> str | None:
+    """`X-BookVault-Caller` for an upstream call: the services log who asked. A read shared
+    by single-flight (public data) names the caller whose request sent it."""
     caller = _CURRENT.get()
-    if caller is not None:
-        request.headers[CALLER_HEADER] = caller.header
+    return None if caller is None else caller.header
 
 
 class _KeySet:

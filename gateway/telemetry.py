@@ -3,7 +3,7 @@
 A GraphQL request gets a server span (`TelemetryMiddleware`), an operation span
 (`operation_span`, opened by the view) and one client span per upstream batch call
 (`batch_span`, used by the loaders). Resolvers get none: a span per field would cost more
-than the fields. The upstream clients send W3C trace context (`httpx_event_hooks`), so each
+than the fields. Every upstream call sends W3C trace context (`outgoing`), so each
 service's spans join the same trace.
 
 Seam for the cache and resilience code: inside a batch call, `annotate(cache_hits=...,
@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -43,7 +42,7 @@ __all__ = [
     "operation_span",
     "batch_span",
     "annotate",
-    "httpx_event_hooks",
+    "outgoing",
     "tracer_provider_from_env",
     "TRACE_ID_HEADER",
 ]
@@ -270,18 +269,10 @@ def annotate(**facts: Any) -> None:
         batch.span.set_attributes({_ATTRIBUTES.get(key, f"bookvault.{key}"): value for key, value in facts.items()})
 
 
-async def _on_request(request: httpx.Request) -> None:
-    propagate.inject(request.headers)  # W3C traceparent: the service's spans join this trace
+def outgoing(headers: dict[str, str]) -> None:
+    """For every upstream call, before it is sent: trace context out, and the call counted."""
+    propagate.inject(headers)  # W3C traceparent: the service's spans join this trace
     if (current := _REQUEST.get()) is not None:
         current.upstream_calls += 1
     if (batch := _BATCH.get()) is not None:
         batch.requests += 1
-
-
-async def _on_response(response: httpx.Response) -> None:
-    annotate(http_status=response.status_code)  # a retried call keeps its last attempt's
-
-
-def httpx_event_hooks() -> dict[str, list[Callable[..., Any]]]:
-    """For every upstream `httpx.AsyncClient`: trace context out, call counts and status in."""
-    return {"request": [_on_request], "response": [_on_response]}

@@ -6,25 +6,26 @@ httpx's exceptions become the gateway's (`raise ... from exc`). Each call runs u
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
+import orjson
 
+from .auth import CALLER_HEADER, caller_header
 from .config import ResilienceConfig, ServiceConfig
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
-from .auth import forward_caller
-from .telemetry import httpx_event_hooks
+from .telemetry import annotate, outgoing
 
 __all__ = ["Upstream", "POSITION_HEADER", "feed_seq"]
 
 
 POSITION_HEADER = "x-feed-seq"
+_HEADERS = {"accept": "application/json", "user-agent": "bookvault-gateway"}
 
 
 def feed_seq(raw: str | None) -> int:
@@ -37,32 +38,131 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-def _transport(cfg: ServiceConfig) -> httpx.AsyncBaseTransport:
-    """httpx's API over aiohttp's HTTP/1.1 client: the same calls for about a third less CPU
-    each (README, "Benchmarks": an upstream call is most of a cold request's CPU)."""
-    return AiohttpTransport(limits=httpx.Limits(max_connections=cfg.max_connections,
-                                                max_keepalive_connections=cfg.max_connections))
-
-
-def _dropped(exc: httpx.TimeoutException) -> bool:
-    """httpx-aiohttp reports a connection closed or reset by the peer as a connect timeout;
-    it is a refused or dropped connection (retryable), not a slow service."""
-    cause = exc.__cause__
-    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, aiohttp.ServerTimeoutError)
-
-
 def _error_of(body: bytes) -> tuple[str | None, str | None]:
     """The code and message of a service's error body (ARCHITECTURE.md, "Services"), if it has one."""
     try:
-        error = json.loads(body)["error"]
+        error = orjson.loads(body)["error"]
         code, message = error["code"], error["message"]
     except (ValueError, KeyError, TypeError):
         return None, None
     return (code if isinstance(code, str) else None), (message if isinstance(message, str) else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: Mapping[str, str]  # looked up case-insensitively
+    body: bytes
+
+
+class Exchange(Protocol):
+    """One HTTP exchange with one service, its transport's errors already the gateway's."""
+
+    async def __call__(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+                       timeout: float) -> Reply: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _oversized(service: str, cap: int) -> UpstreamBadResponse:
+    return UpstreamBadResponse(f"{service} sent a body over {cap} bytes", service=service)
+
+
+class _Aiohttp:
+    """The network: aiohttp's HTTP/1.1 client, used directly. An upstream call is most of a
+    cold query's CPU, and httpx's client and its aiohttp transport cost about 0.6 ms on
+    top of aiohttp's own 0.3 ms per call (ARCHITECTURE.md, "Upstream calls")."""
+
+    def __init__(self, service: str, cfg: ServiceConfig) -> None:
+        self.service, self.base, self.cap, self.connect = service, cfg.url.rstrip("/"), cfg.max_body_bytes, cfg.connect_timeout
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=cfg.max_connections),
+            headers=_HEADERS, cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
+        self.timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, read: float) -> aiohttp.ClientTimeout:
+        # `connect` bounds the wait for a pooled connection and the connect; `sock_read` each read.
+        timeout = self.timeouts.get(read)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=None, connect=read + self.connect, sock_connect=self.connect,
+                                            sock_read=read)
+            if len(self.timeouts) < 64:
+                self.timeouts[read] = timeout
+        return timeout
+
+    async def __call__(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+                       timeout: float) -> Reply:
+        service, cap = self.service, self.cap
+        try:
+            async with self.session.request(method, self.base + url, headers=headers, data=body,
+                                            timeout=self._timeout(timeout), allow_redirects=False) as response:
+                declared = response.content_length
+                if declared is not None:
+                    if declared > cap:
+                        raise _oversized(service, cap)
+                    content = await response.read()
+                else:
+                    chunks, size = [], 0
+                    async for chunk in response.content.iter_any():
+                        size += len(chunk)
+                        if size > cap:
+                            raise _oversized(service, cap)
+                        chunks.append(chunk)
+                    content = b"".join(chunks)
+                return Reply(response.status, response.headers, content)
+        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
+            raise UpstreamTimeout(f"{service} did not answer in time", service=service) from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:  # refused, reset, dropped mid-body
+            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service,
+                                      retryable=True) from exc
+        except aiohttp.ClientError as exc:  # other protocol violations
+            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service) from exc
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+class _Httpx:
+    """An httpx transport in place of the network: tests drive the services' ASGI apps in
+    process (`httpx.ASGITransport`) or wrap them to slow or break them."""
+
+    def __init__(self, service: str, cfg: ServiceConfig, transport: httpx.AsyncBaseTransport) -> None:
+        self.service, self.cap, self.connect = service, cfg.max_body_bytes, cfg.connect_timeout
+        self.client = httpx.AsyncClient(base_url=cfg.url, transport=transport, headers=_HEADERS)
+
+    async def __call__(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+                       timeout: float) -> Reply:
+        service, cap = self.service, self.cap
+        try:
+            async with self.client.stream(method, url, headers=headers, content=body,
+                                          timeout=httpx.Timeout(timeout, connect=self.connect)) as response:
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > cap:
+                    raise _oversized(service, cap)
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise _oversized(service, cap)
+                    chunks.append(chunk)
+                return Reply(response.status_code, response.headers, b"".join(chunks))
+        except UpstreamError:
+            raise
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"{service} did not answer in time", service=service) from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset, dropped mid-body
+            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service,
+                                      retryable=True) from exc
+        except httpx.HTTPError as exc:  # other protocol violations
+            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service) from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
 class Upstream:
-    """One pooled `httpx.AsyncClient` per service, created in the app's lifespan."""
+    """One pooled client per service, created in the app's lifespan: aiohttp's over the
+    network, or an httpx transport a test gives in its place."""
 
     def __init__(
         self,
@@ -74,16 +174,8 @@ class Upstream:
         self._advertised: dict[str, int] = {}
         self.resilience = resilience or Resilience(self.services, ResilienceConfig())
         transports = transports or {}
-        hooks = httpx_event_hooks()
-        hooks["request"].append(forward_caller)  # X-BookVault-Caller beside traceparent
-        self._clients = {
-            name: httpx.AsyncClient(
-                base_url=cfg.url,
-                timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
-                transport=transports.get(name) or _transport(cfg),
-                headers={"accept": "application/json", "user-agent": "bookvault-gateway"},
-                event_hooks=hooks,
-            )
+        self._exchanges: dict[str, Exchange] = {
+            name: _Httpx(name, cfg, transports[name]) if name in transports else _Aiohttp(name, cfg)
             for name, cfg in self.services.items()
         }
 
@@ -108,8 +200,8 @@ class Upstream:
                 await asyncio.sleep(every)
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+        for exchange in self._exchanges.values():
+            await exchange.aclose()
 
     async def get_json(self, service: str, url: str, *, deadline: Deadline | None = None) -> Any:
         """GET a JSON document, or raise an `UpstreamError` naming the service. A read:
@@ -141,62 +233,41 @@ class Upstream:
     async def _send(self, service: str, method: str, url: str, payload: Any, budget_ms: int | None,
                     timeout: float | None = None, headers: Mapping[str, str] | None = None,
                     whole_budget: bool = False, positioned: bool = False) -> Any:
-        """One exchange, told upstream how long it may take."""
-        client = self._clients[service]
-        extra: dict[str, Any] = {}
-        if whole_budget and budget_ms is not None:
-            timeout = budget_ms / 1000
-        if budget_ms is not None or headers:
-            extra["headers"] = {**(headers or {}), **({DEADLINE_HEADER: str(budget_ms)} if budget_ms is not None else {})}
-        if timeout is not None:
-            extra["timeout"] = httpx.Timeout(timeout, connect=self.services[service].connect_timeout)
-        try:
-            async with client.stream(method, url, json=payload, **extra) as response:
-                body = await self._read(response, service)
-        except UpstreamError:
-            raise
-        except httpx.TimeoutException as exc:
-            if _dropped(exc):
-                raise UpstreamUnavailable(f"{service} is unreachable (connection lost)", service=service,
-                                          retryable=True) from exc
-            raise UpstreamTimeout(f"{service} did not answer in time", service=service) from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset, dropped mid-body
-            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service,
-                                      retryable=True) from exc
-        except (httpx.HTTPError, aiohttp.ClientError) as exc:  # other protocol violations
-            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service) from exc
-        decoded = self._decode(response, body, service)
-        return (decoded, feed_seq(response.headers.get(POSITION_HEADER))) if positioned else decoded
-
-    async def _read(self, response: httpx.Response, service: str) -> bytes:
-        cap = self.services[service].max_body_bytes
-        declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise UpstreamBadResponse(f"{service} sent a body over {cap} bytes", service=service)
-        chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise UpstreamBadResponse(f"{service} sent a body over {cap} bytes", service=service)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        """One exchange, told upstream how long it may take, whose trace it belongs to and who asked."""
+        sent = dict(headers) if headers else {}
+        if budget_ms is not None:
+            sent[DEADLINE_HEADER] = str(budget_ms)
+            if whole_budget:
+                timeout = budget_ms / 1000
+        if (caller := caller_header()) is not None:
+            sent[CALLER_HEADER] = caller  # beside traceparent
+        outgoing(sent)
+        body = None
+        if payload is not None:
+            body = orjson.dumps(payload)
+            sent["content-type"] = "application/json"
+        reply = await self._exchanges[service](method, url, sent, body,
+                                               self.services[service].read_timeout if timeout is None else timeout)
+        annotate(http_status=reply.status)  # a retried call keeps its last attempt's
+        decoded = self._decode(reply, service)
+        return (decoded, feed_seq(reply.headers.get(POSITION_HEADER))) if positioned else decoded
 
     @staticmethod
-    def _decode(response: httpx.Response, body: bytes, service: str) -> Any:
-        status = response.status_code
+    def _decode(reply: Reply, service: str) -> Any:
+        status = reply.status
         if status >= 500 or status == 429:
             raise UpstreamUnavailable(f"{service} answered {status}", service=service,
                                       retryable=status in RETRYABLE_STATUSES,
-                                      retry_after=parse_retry_after(response.headers.get("retry-after")))
+                                      retry_after=parse_retry_after(reply.headers.get("retry-after")))
         if status == 204:
             return None
         if not 200 <= status < 300:
-            code, message = _error_of(body)
+            code, message = _error_of(reply.body)
             raise UpstreamRejected(f"{service} answered {status}", service=service, status=status,
                                    error_code=code, error_message=message)
-        if not _is_json(response.headers.get("content-type", "")):
+        if not _is_json(reply.headers.get("content-type", "")):
             raise UpstreamBadResponse(f"{service} answered with a non-JSON body", service=service)
         try:
-            return json.loads(body)
+            return orjson.loads(reply.body)
         except ValueError as exc:
             raise UpstreamBadResponse(f"{service} answered with malformed JSON", service=service) from exc

@@ -365,10 +365,10 @@ async def test_internal_errors_are_masked(shop: Shop, monkeypatch: pytest.Monkey
     """A bug of ours becomes a generic 'Internal error' at its path; the details go to the log only."""
     decode = Upstream._decode
 
-    def buggy(response: httpx.Response, body: bytes, service: str) -> Any:
+    def buggy(reply: Any, service: str) -> Any:
         if service == "payments":
             raise RuntimeError("secret detail: db password hunter2")
-        return decode(response, body, service)
+        return decode(reply, service)
 
     monkeypatch.setattr(Upstream, "_decode", staticmethod(buggy))
     with caplog.at_level(logging.ERROR, logger="bookvault.gateway"):
