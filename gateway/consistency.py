@@ -52,6 +52,8 @@ TOKEN_COOKIE = "bv_consistency"
 _VERSION = 1
 _MAC_BYTES = 12
 _MAX_TOKEN_CHARS = 256  # a longer value is not ours; not even decoded
+_TOKEN_HEADER_KEY = TOKEN_HEADER.lower().encode()
+_MEMO = 4096  # tokens remembered each way; past it, forgotten all at once
 _MIN_LEFT = 0.05  # seconds of the deadline kept for the reads themselves after a wait
 
 
@@ -91,17 +93,36 @@ class Consistency:
         self.max_wait = max_wait
         # Services a token named beyond this instance's feed, by what was done about it.
         self.counts = {"current": 0, "waited": 0, "bypassed": 0, "refuted": 0, "ignored": 0}
+        self._made: dict[tuple[int, ...], tuple[str, bytes]] = {}  # positions -> token, Set-Cookie
+        self._read: dict[str, dict[str, int]] = {}  # valid tokens -> positions
 
     # -- the token -----------------------------------------------------------------------
 
     def encode(self, positions: Mapping[str, int]) -> str:
-        body = bytes([_VERSION]) + b"".join(_varint(max(0, positions.get(s, 0))) for s in self.services)
-        return base64.urlsafe_b64encode(body + self._mac(body)).rstrip(b"=").decode()
+        return self._stamp(tuple(max(0, positions.get(s, 0)) for s in self.services))[0]
+
+    def _stamp(self, values: tuple[int, ...]) -> tuple[str, bytes]:
+        """The token of `values` and its Set-Cookie header value; the feeds' positions move
+        seldom, so most answers carry a token made before (no MAC computed again)."""
+        made = self._made.get(values)
+        if made is None:
+            body = bytes([_VERSION]) + b"".join(_varint(v) for v in values)
+            token = base64.urlsafe_b64encode(body + self._mac(body)).rstrip(b"=").decode()
+            # Browsers send it back by themselves; scripts cannot read it (RFC 6265bis:
+            # HttpOnly, SameSite=Lax). Path=/graphql: no other route of the gateway needs it.
+            cookie = f"{TOKEN_COOKIE}={token}; HttpOnly; Path=/graphql; SameSite=lax".encode()
+            if len(self._made) >= _MEMO:
+                self._made.clear()
+            made = self._made[values] = (token, cookie)
+        return made
 
     def decode(self, token: str | None) -> dict[str, int]:
         """The positions a token names; {} for anything not a valid token of this deployment."""
         if not token:
             return {}
+        known = self._read.get(token)
+        if known is not None:
+            return dict(known)
         try:
             if len(token) > _MAX_TOKEN_CHARS:
                 raise ValueError("too long")
@@ -115,7 +136,11 @@ class Consistency:
         except (ValueError, binascii.Error):
             self.counts["ignored"] += 1
             return {}
-        return {s: v for s, v in zip(self.services, values, strict=True) if v > 0}
+        positions = {s: v for s, v in zip(self.services, values, strict=True) if v > 0}
+        if len(self._read) >= _MEMO:
+            self._read.clear()
+        self._read[token] = positions
+        return dict(positions)
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, self._names + b"\0" + body, hashlib.sha256).digest()[:_MAC_BYTES]
@@ -140,11 +165,8 @@ class Consistency:
         session: Session | None = getattr(request.state, "consistency", None)
         if session is None:
             return
-        token = session.token()
-        response.headers[TOKEN_HEADER] = token
-        # Browsers send it back by themselves; scripts cannot read it (RFC 6265bis: HttpOnly,
-        # SameSite=Lax). Path=/graphql: no other route of the gateway needs it.
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="lax", path="/graphql")
+        token, cookie = self._stamp(session.values())
+        response.raw_headers += [(_TOKEN_HEADER_KEY, token.encode()), (b"set-cookie", cookie)]
 
     async def catch_up(self, service: str, seq: int, deadline: Deadline | None) -> bool:
         """Wait until this instance has applied `service`'s feed up to `seq`; False when it
@@ -182,6 +204,10 @@ class Session:
         """The position the token asks of `service` (0: none)."""
         return self.asked.get(service, 0)
 
+    def asks(self, service: str) -> bool:
+        """Whether the token names a position of `service` (most name none: no wait to settle)."""
+        return service in self.asked
+
     async def settle(self, service: str) -> bool:
         """Before reading `service`: True when its caches must be bypassed for this request."""
         seq = self.asked.get(service, 0)
@@ -208,11 +234,10 @@ class Session:
             record_consistency(service, "refuted")
             del self.asked[service]
 
-    def token(self) -> str:
-        positions = dict(self.asked)
-        for service, seq in self.seen.items():
-            positions[service] = max(seq, positions.get(service, 0))
-        return self.consistency.encode(positions)
+    def values(self) -> tuple[int, ...]:
+        """The positions of the answer's token, in the codec's order of services."""
+        asked, seen = self.asked, self.seen
+        return tuple(max(0, asked.get(s, 0), seen.get(s, 0)) for s in self.consistency.services)
 
 
 def merge_write(session: Session | None, service: str, seq: int) -> None:

@@ -5,12 +5,12 @@ Library code only logs; the process entry point (`bookvault gateway`) calls `con
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 from opentelemetry import trace
 
 __all__ = ["JsonFormatter", "configure", "request_log", "REQUEST_LOGGER"]
@@ -35,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return orjson.dumps(line, default=str).decode()
 
 
 def request_log(**fields: Any) -> None:

@@ -49,6 +49,7 @@ class Metrics:
 
     def __init__(self, services: Iterable[str]) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)  # memory, CPU, GC: stateless, safe to share
         self.upstream_latency = Histogram(
@@ -95,6 +96,15 @@ class Metrics:
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client checks and locks on
+        every `labels()` call, and a request makes a dozen (label values are few and bounded)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -114,26 +124,26 @@ def record_cache(entity: str, level: str, result: str, count: int = 1) -> None:
     """`count` lookups of `entity` at `level` ("l1" or "l2") with `result` "hit" (fresh),
     "expired" (found past its TTL, so revalidated) or "miss"."""
     if count and (m := _CURRENT.get()) is not None:
-        m.cache.labels(entity, level, result).inc(count)
+        m.child(m.cache, entity, level, result).inc(count)
 
 
 def record_stale(entity: str, count: int = 1) -> None:
     """`count` entities served from cache past their TTL because the service failed."""
     if (m := _CURRENT.get()) is not None:
-        m.stale.labels(entity).inc(count)
+        m.child(m.stale, entity).inc(count)
 
 
 def record_retry(service: str) -> None:
     """One more attempt of a request to `service` after a failed one."""
     if (m := _CURRENT.get()) is not None:
-        m.retries.labels(service).inc()
+        m.child(m.retries, service).inc()
 
 
 def record_consistency(service: str, outcome: str) -> None:
     """A consistency token named a feed position of `service` this instance had not applied:
     `outcome` is "waited", "bypassed" or "refuted"."""
     if (m := _CURRENT.get()) is not None:
-        m.consistency.labels(service, outcome).inc()
+        m.child(m.consistency, service, outcome).inc()
 
 
 class LiveCollector:

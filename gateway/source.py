@@ -298,7 +298,8 @@ class Reader:
     async def _settle(self, binding: Binding) -> bool:
         """True: this request's token names a position of the service this instance could
         not catch up with in time, so its caches are bypassed."""
-        return self.session is not None and await self.session.settle(binding.service)
+        session = self.session
+        return session is not None and session.asks(binding.service) and await session.settle(binding.service)
 
     def _seen(self, binding: Binding, fetched: dict[Any, Any] | None, cached: dict[Any, Entry]) -> int:
         """The fetched answer's feed position; the token records the cached entries' too."""
@@ -316,6 +317,8 @@ class Reader:
     def _cached(self, binding: Binding, key: Any, entry: Entry) -> Any:
         if (refused := self._refused(binding, entry.payload)) is not None:
             return refused
+        if entry.parsed is not None:  # parsed when first served
+            return entry.parsed
         if entry.payload is None:
             return self._parse(binding, key, None)
         try:

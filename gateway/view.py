@@ -182,7 +182,7 @@ class GraphQLView:
         except PersistedQueryError as exc:
             error = {"message": exc.message, "extensions": {"code": exc.code}}
             return exc.status, ({"errors": [error]} if media == GRAPHQL_RESPONSE else {"data": None, "errors": [error]})
-        document = await _within(deadline, self.documents.load(text))
+        document = self.documents.cached(text) or await _within(deadline, self.documents.load(text))
         operation = document.operation(params.operation_name) if document.node is not None else None
         if isinstance(operation, GraphQLError):
             operation.extensions = {"code": "OPERATION_RESOLUTION_FAILURE"}
