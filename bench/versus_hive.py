@@ -214,6 +214,7 @@ class Runs:
     elapsed_s: float = 0.0
     gateway_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    services_cpu_s: float = 0.0  # the six services' processes, while this gateway was measured
     calls: int = 0
     round_rps: list[float] = field(default_factory=list)
     client_busiest: float = 0.0  # the highest share of one core the client used in a round
@@ -253,9 +254,12 @@ async def measure_round(stack: Stack, url: str, pid: int, payloads: list[tuple[d
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as admin:
         await clear_stats(admin, stack.service_urls.values())
         before_n = runs.tally.total
+        services = [stack.pid(name) for name in stack.service_urls]
+        services_before = sum(cpu_seconds(p) or 0.0 for p in services)
         cpu_before, client_before, started = cpu_seconds(pid), time.process_time(), time.perf_counter()
         await load(url, payloads, root, args.duration, args.concurrency, runs.tally)
         elapsed, cpu_after = time.perf_counter() - started, cpu_seconds(pid)
+        runs.services_cpu_s += sum(cpu_seconds(p) or 0.0 for p in services) - services_before
         client_cpu = time.process_time() - client_before
         calls = await upstream_calls(admin, stack)
         await clear_stats(admin, stack.service_urls.values())  # the services keep them in memory
@@ -309,6 +313,7 @@ def _figures(r: Runs) -> dict[str, Any]:
             "upstream_calls_per_route": {k: round(v / n, 3) for k, v in sorted(r.calls_per_route.items())},
             "gateway_cpu_ms_per_request": round(r.gateway_cpu_s * 1000 / n, 2),
             "client_cpu_ms_per_request": round(r.client_cpu_s * 1000 / n, 2),
+            "services_cpu_ms_per_request": round(r.services_cpu_s * 1000 / n, 2),
             "client_busiest_round": round(r.client_busiest, 2)}
 
 
@@ -327,7 +332,8 @@ def report(results: dict[str, Any], checks: dict[str, Any], args: argparse.Names
                    "bookvault_off": "every entity TTL 0", "bookvault_warm": "default TTLs, a warm-up pass before each round",
                    "order": "per round: bookvault off, hive, bookvault warm"},
         "environment": env, "same_data": checks, "cases": {}}
-    head = ("case", "gateway", "calls/req", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "RSS MiB", "client ms/req")
+    head = ("case", "gateway", "calls/req", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "RSS MiB", "client ms/req",
+            "services ms/req")
     rows: list[tuple[str, ...]] = []
     for case, res in results.items():
         figs = {name: _figures(r) for name, r in res["runs"].items()}
@@ -348,11 +354,11 @@ def report(results: dict[str, Any], checks: dict[str, Any], args: argparse.Names
             rows.append((label if i == 0 else "", name, _fmt(f["upstream_calls_per_request"], 2),
                          f"{_fmt(f['rps'])} ({spread})", _fmt(f["p50_ms"]), _fmt(f["p99_ms"]),
                          _fmt(f["gateway_cpu_ms_per_request"], 2), _fmt(f["peak_rss_mib"]),
-                         _fmt(f["client_cpu_ms_per_request"], 2)))
+                         _fmt(f["client_cpu_ms_per_request"], 2), _fmt(f["services_cpu_ms_per_request"], 2)))
         for name, rt in ratios.items():
             rows.append(("", f"{name.split()[1]}/hive", _fmt(rt["upstream_calls_per_request"], 2), _fmt(rt["rps"], 2),
                          _fmt(rt["p50_ms"], 2), _fmt(rt["p99_ms"], 2), _fmt(rt["gateway_cpu_ms_per_request"], 2),
-                         _fmt(rt["peak_rss_mib"], 2), ""))
+                         _fmt(rt["peak_rss_mib"], 2), "", ""))
     diffs = sum(c["differences"] for c in checks.values())
     failed = sum(g["failed"] for c in out["cases"].values() for g in c["gateways"].values())
     busy = [f"{case} {name}" for case, c in out["cases"].items() for name, g in c["gateways"].items()
@@ -367,7 +373,8 @@ def report(results: dict[str, Any], checks: dict[str, Any], args: argparse.Names
           f"{args.latency_ms} ms injected per service, {args.concurrency} connections, {args.rounds} rounds x "
           f"{args.duration:g}s per gateway and case, interleaved; {os.cpu_count()} CPUs shared by everything")
     print("req/s: over all rounds (slowest-fastest round); CPU ms/req: the gateway process's CPU time / requests; "
-          "RSS: peak (VmHWM) so far; client ms/req: the bench client's own CPU; x/hive: BookVault / Hive")
+          "RSS: peak (VmHWM) so far; client ms/req: the bench client's own CPU; services ms/req: the six services' CPU "
+          "(the same machine's: with the cache off they bound both gateways' req/s); x/hive: BookVault / Hive")
     print(line(head))
     print(line(tuple("-" * w for w in widths)))
     for row in rows:

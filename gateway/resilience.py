@@ -225,17 +225,29 @@ class Resilience:
             sent += 1
             return await self._timed(service, permit, limit, by_deadline, attempt)
 
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception(_retryable) if retry else tenacity.retry_never,
-            wait=self._wait,
-            stop=lambda state: self._stop(service, deadline, state),
-            before_sleep=lambda state: self._retrying(service, state),
-            sleep=self._sleep,
-            reraise=True,
-        )
         try:
+            try:
+                return await once()
+            except UpstreamError as exc:
+                if not (retry and _retryable(exc)):
+                    raise
+                first: UpstreamError | None = exc
+            # Most calls succeed at once: tenacity (~40 us a call) is set up only for a retry.
+            # Its first attempt is the one that just failed, so its counts, backoff and
+            # stop rules see every attempt.
+            retrying = tenacity.AsyncRetrying(
+                retry=tenacity.retry_if_exception(_retryable),
+                wait=self._wait,
+                stop=lambda state: self._stop(service, deadline, state),
+                before_sleep=lambda state: self._retrying(service, state),
+                sleep=self._sleep,
+                reraise=True,
+            )
             async for trying in retrying:
                 with trying:
+                    if first is not None:
+                        failed, first = first, None
+                        raise failed
                     return await once()
         except UpstreamError as exc:
             exc.attempts = sent

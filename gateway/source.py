@@ -39,14 +39,23 @@ if TYPE_CHECKING:
 __all__ = ["Binding", "EntitySource", "Reader", "Stale", "contract"]
 
 
+_BREACHES = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def _breach(service: str, what: str, exc: Exception) -> UpstreamBadResponse:
+    error = UpstreamBadResponse(f"{service} sent a {what} not in its contract ({exc!r})", service=service)
+    error.__cause__ = exc
+    return error
+
+
 @contextlib.contextmanager
 def contract(service: str, what: str) -> Iterator[None]:
     """A payload that lacks a field or has one of the wrong type breaks the service's
     contract: that is the service's fault (UPSTREAM_BAD_RESPONSE), not an internal error."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UpstreamBadResponse(f"{service} sent a {what} not in its contract ({exc!r})", service=service) from exc
+    except _BREACHES as exc:
+        raise _breach(service, what, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -329,21 +338,14 @@ class Reader:
 
     @staticmethod
     def _parse(binding: Binding, key: Any, payload: Any) -> Any:
-        if binding.many:
-            try:
-                with contract(binding.service, binding.entity):
-                    return [binding.parse(p) for p in payload or ()]
-            except UpstreamBadResponse as exc:
-                return exc
-        if payload is None:
+        if payload is None and not binding.many:
             if binding.optional:
                 return None
             return NotFound(f"{binding.entity} {key} not found", service=binding.service)
-        try:
-            with contract(binding.service, binding.entity):
-                return binding.parse(payload)
-        except UpstreamBadResponse as exc:
-            return exc
+        try:  # `contract`, inline: this runs for every entity fetched
+            return [binding.parse(p) for p in payload or ()] if binding.many else binding.parse(payload)
+        except _BREACHES as exc:
+            return _breach(binding.service, binding.entity, exc)
 
 
 # Where `_fetch` keeps the answer's feed position among the payloads (no id is a string).
