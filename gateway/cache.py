@@ -377,28 +377,40 @@ class EntityCache:
     def key(self, entity: str, entity_id: int | str) -> str:
         return f"{self.namespace}:{FORMAT}:{entity}:{entity_id}"
 
-    def fresh(self, entry: Entry, policy: CachePolicy) -> bool:
-        return (self.clock() - entry.fetched_at < policy.ttl
+    def fresh(self, entry: Entry, policy: CachePolicy, now: float | None = None) -> bool:
+        return ((self.clock() if now is None else now) - entry.fetched_at < policy.ttl
                 and entry.fetched_at >= self._trusted_after.get(entry.service, float("-inf")))
-
-    def fresh_keys(self, entries: dict[Any, Entry], policy: CachePolicy) -> set[Any]:
-        now = self.clock()
-        return {k for k, e in entries.items() if now - e.fetched_at < policy.ttl
-                and e.fetched_at >= self._trusted_after.get(e.service, float("-inf"))}
 
     def usable_stale(self, entry: Entry, policy: CachePolicy) -> bool:
         return self.clock() - entry.fetched_at <= policy.ttl + policy.max_stale
 
-    async def get_many(self, entity: str, scope: str, ids: list[int], policy: CachePolicy) -> dict[int, Entry]:
-        """The newest entry each level holds. Ids without a fresh entry in L1 are looked up
-        in L2 too: another instance may have fetched them since. An L2 entry older than
-        the floor L1 holds is never taken: Redis missed that raise (it was away), and is
-        told again."""
-        keys = [self.key(entity, i) for i in ids]
+    async def get_many(self, entity: str, scope: str, ids: list[int],
+                       policy: CachePolicy) -> tuple[dict[int, Entry], set[int]]:
+        """The newest entry each level holds, and the ids whose entry is fresh. Ids without a
+        fresh entry in L1 are looked up in L2 too: another instance may have fetched them
+        since. An L2 entry older than the floor L1 holds is never taken: Redis missed that
+        raise (it was away), and is told again."""
+        prefix = f"{self.namespace}:{FORMAT}:{entity}:"
+        keys = [f"{prefix}{i}" for i in ids]
         entries, floors = await self.memory.get_many(keys, scope)
-        found = {i: e for i, e in zip(ids, entries, strict=True) if e is not None}
-        self._count(entity, "l1", policy, list(found.values()), len(ids))
-        ask = [(i, k, f) for i, k, f in zip(ids, keys, floors, strict=True) if i not in found or not self.fresh(found[i], policy)]
+        now = self.clock()
+        found: dict[int, Entry] = {}
+        fresh: set[int] = set()
+        ask: list[tuple[int, str, int]] = []
+        within_ttl = 0
+        for i, key, floor, entry in zip(ids, keys, floors, entries, strict=True):
+            if entry is not None:
+                found[i] = entry
+                if now - entry.fetched_at < policy.ttl:
+                    within_ttl += 1
+                    if self.fresh(entry, policy, now):
+                        fresh.add(i)
+                        continue
+            ask.append((i, key, floor))
+        if ids:  # lookups by result: `hit` (fresh), `expired` (found, past its TTL: revalidated), `miss`
+            record_cache(entity, "l1", "hit", within_ttl)
+            record_cache(entity, "l1", "expired", len(found) - within_ttl)
+            record_cache(entity, "l1", "miss", len(ids) - len(found))
         if ask and self.redis is not None:
             try:
                 remote = await self.redis.get_many([k for _, k, _ in ask], scope)
@@ -414,9 +426,11 @@ class EntityCache:
                 elif entry.supersedes(found.get(i)):
                     await self.memory.put(key, scope, entry, keep)
                     found[i] = entry
+                    if self.fresh(entry, policy):
+                        fresh.add(i)
             if self._pending or self._lost:
                 await self.repair()
-        return found
+        return found, fresh
 
     def _count(self, entity: str, level: str, policy: CachePolicy, entries: list[Entry], asked: int) -> None:
         """Lookups by result: `hit` (fresh), `expired` (found, past its TTL: revalidated), `miss`."""

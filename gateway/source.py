@@ -214,8 +214,7 @@ class Reader:
             cache = self.source.cache
             assert cache is not None
             policy, scope = scoped
-            cached = await cache.get_many(binding.entity, scope, keys, policy)
-            fresh = cache.fresh_keys(cached, policy)
+            cached, fresh = await cache.get_many(binding.entity, scope, keys, policy)
             need = [k for k in keys if k not in fresh]
             annotate(cache_hits=len(keys) - len(need), cache_misses=len(need))
             fetched = await self._fetch(binding, need, query) if need else {}
