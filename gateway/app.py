@@ -100,7 +100,8 @@ def policies(settings: Settings, bindings: Iterable[Binding]) -> dict[str, Cache
     for binding in bindings:
         if binding.policy is None:
             continue
-        ttl, stale = settings.cache_overrides.get(binding.entity, (None, None))
+        # BOOKVAULT_CACHE_<ENTITY>_TTL is upper case: `orderPage` is ORDERPAGE (config.py lowers it).
+        ttl, stale = settings.cache_overrides.get(binding.entity.lower(), (None, None))
         out[binding.entity] = replace(binding.policy, ttl=binding.policy.ttl if ttl is None else ttl,
                                       max_stale=binding.policy.max_stale if stale is None else stale)
     return out

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.cache import FORMAT
-from gateway.config import ResilienceConfig
+from gateway.config import ResilienceConfig, Settings
 from shop import Shop, as_customer, running_gateway
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -174,6 +174,16 @@ async def test_a_new_order_drops_the_customers_cached_pages(shop: Shop) -> None:
             assert after["totalCount"] == before[n]["totalCount"] + 1
             assert after["nodes"][0]["id"] == str(created.json()["id"])
         assert len((await shop.calls())["orders"]) == 2  # each size's page read again, once
+
+
+async def test_a_ttl_of_0_in_the_environment_turns_off_caching_of_pages_too(shop: Shop) -> None:
+    """BOOKVAULT_CACHE_ORDERPAGE_TTL=0 (the type `orderPage`, upper-cased) reads a customer's page every time."""
+    overrides = Settings.from_env({"BOOKVAULT_CACHE_ORDERPAGE_TTL": "0"}).cache_overrides
+    query = "query($id: ID!) { customer(id: $id) { orders(first: 3) { nodes { id } } } }"
+    async with running_gateway(shop, cache_overrides=overrides) as (client, _):
+        for _ in range(3):
+            assert len((await ask(client, query, as_customer(7), id="7"))["data"]["customer"]["orders"]["nodes"]) == 3
+    assert (await count_calls(shop))["orders"] == 3
 
 
 async def test_private_records_never_cross_callers(shop: Shop, namespace: str) -> None:
