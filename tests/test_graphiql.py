@@ -93,12 +93,14 @@ async def test_without_its_files_graphiql_says_so_instead_of_loading_forever(cli
 
 def _tarball(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as archive:
+    with tarfile.open(fileobj=out, mode="w") as archive:
         for name, data in files.items():
             info = tarfile.TarInfo(f"package/{name}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    # mtime 0: the same files give the same bytes (gzip's header holds the time, and a
+    # second passing between two builds of a tarball once broke its pinned sha512).
+    return gzip.compress(out.getvalue(), mtime=0)
 
 
 def _sha512(data: bytes) -> str:
