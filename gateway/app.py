@@ -204,7 +204,8 @@ def create_app(
         app.state.gateway = GatewayState(settings=settings, upstream=upstream, resilience=resilience, cache=cache,
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
                                          readiness=readiness, limits=limits, consistency=consistency,
-                                         authenticator=authenticator, limiter=limiter, live=live)
+                                         authenticator=authenticator, limiter=limiter, live=live,
+                                         documents=view.documents)
         try:
             yield
         finally:

@@ -161,6 +161,15 @@ class DocumentCache:
             self._starting.add_done_callback(lambda f: f.cancelled() or f.exception())
         return self._starting
 
+    async def ready(self) -> None:
+        """Until the worker started by `start` has answered (or failed to start: new
+        documents are then loaded in a thread); at once when none was started."""
+        if self._starting is None:
+            return
+        await asyncio.wait([self._starting])
+        if not self._starting.cancelled() and self._starting.exception() is None:
+            await asyncio.wait([asyncio.wrap_future(self._starting.result())])
+
     def _processes(self) -> Executor:
         if self._executor is None:
             # forkserver: a worker is forked from a clean process with this module loaded,

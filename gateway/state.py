@@ -21,6 +21,7 @@ from .telemetry import Telemetry
 from .upstream import Upstream
 
 if TYPE_CHECKING:
+    from .documents import DocumentCache
     from .hub import LiveHub  # which imports the view, which imports this module
 
 __all__ = ["GatewayState", "gateway_state"]
@@ -43,6 +44,7 @@ class GatewayState:
     authenticator: Authenticator | None = None  # bearer tokens into callers (gateway/auth.py)
     limiter: Limiter | None = None  # rate limits per caller (gateway/ratelimit.py)
     live: LiveHub | None = None  # subscriptions (gateway/hub.py)
+    documents: DocumentCache | None = None  # parsed and validated documents, and their worker
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -6,7 +6,7 @@ httpx's exceptions become the gateway's (`raise ... from exc`). Each call runs u
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -68,6 +68,25 @@ def _oversized(service: str, cap: int) -> UpstreamBadResponse:
     return UpstreamBadResponse(f"{service} sent a body over {cap} bytes", service=service)
 
 
+async def _capped(chunks: AsyncIterator[bytes], service: str, cap: int) -> bytes:
+    """A body without a length, read whole but refused once past `cap` bytes."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > cap:
+            raise _oversized(service, cap)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _late(service: str) -> UpstreamTimeout:
+    return UpstreamTimeout(f"{service} did not answer in time", service=service)
+
+
+def _unreachable(service: str, exc: Exception, retryable: bool = False) -> UpstreamUnavailable:
+    return UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service, retryable=retryable)
+
+
 class _Aiohttp:
     """The network: aiohttp's HTTP/1.1 client, used directly. An upstream call is most of a
     cold query's CPU, and httpx's client and its aiohttp transport cost about 0.6 ms on
@@ -97,26 +116,17 @@ class _Aiohttp:
             async with self.session.request(method, self.base + url, headers=headers, data=body,
                                             timeout=self._timeout(timeout), allow_redirects=False) as response:
                 declared = response.content_length
-                if declared is not None:
-                    if declared > cap:
-                        raise _oversized(service, cap)
-                    content = await response.read()
-                else:
-                    chunks, size = [], 0
-                    async for chunk in response.content.iter_any():
-                        size += len(chunk)
-                        if size > cap:
-                            raise _oversized(service, cap)
-                        chunks.append(chunk)
-                    content = b"".join(chunks)
+                if declared is not None and declared > cap:
+                    raise _oversized(service, cap)
+                content = await (response.read() if declared is not None
+                                 else _capped(response.content.iter_any(), service, cap))
                 return Reply(response.status, response.headers, content)
         except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
-            raise UpstreamTimeout(f"{service} did not answer in time", service=service) from exc
+            raise _late(service) from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:  # refused, reset, dropped mid-body
-            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service,
-                                      retryable=True) from exc
+            raise _unreachable(service, exc, retryable=True) from exc
         except aiohttp.ClientError as exc:  # other protocol violations
-            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service) from exc
+            raise _unreachable(service, exc) from exc
 
     async def aclose(self) -> None:
         await self.session.close()
@@ -139,22 +149,15 @@ class _Httpx:
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > cap:
                     raise _oversized(service, cap)
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > cap:
-                        raise _oversized(service, cap)
-                    chunks.append(chunk)
-                return Reply(response.status_code, response.headers, b"".join(chunks))
+                return Reply(response.status_code, response.headers, await _capped(response.aiter_bytes(), service, cap))
         except UpstreamError:
             raise
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"{service} did not answer in time", service=service) from exc
+            raise _late(service) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset, dropped mid-body
-            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service,
-                                      retryable=True) from exc
+            raise _unreachable(service, exc, retryable=True) from exc
         except httpx.HTTPError as exc:  # other protocol violations
-            raise UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service) from exc
+            raise _unreachable(service, exc) from exc
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -125,6 +125,9 @@ async def running_gateway(
                if v is not None}
     app = create_app(config, transports={**inner, **(transports or {})}, **options)
     async with app.router.lifespan_context(app):
+        # The document worker (forked with the gateway) is up: its start is not part of a
+        # test's first request, whose deadline may be short.
+        await asyncio.wait_for(app.state.gateway.documents.ready(), 30)
         if wait_feeds and app.state.gateway.feeds is not None:
             # A follower that starts late may still drop entries another gateway wrote.
             await asyncio.wait_for(app.state.gateway.feeds.started(), 10)
