@@ -95,6 +95,7 @@ class Consistency:
         self.counts = {"current": 0, "waited": 0, "bypassed": 0, "refuted": 0, "ignored": 0}
         self._made: dict[tuple[int, ...], tuple[str, bytes]] = {}  # positions -> token, Set-Cookie
         self._read: dict[str, dict[str, int]] = {}  # valid tokens -> positions
+        self._cookies: dict[str, str | None] = {}  # Cookie headers -> the token in each
 
     # -- the token -----------------------------------------------------------------------
 
@@ -149,16 +150,27 @@ class Consistency:
 
     def session(self, request: Request, deadline: Deadline | None = None) -> Session:
         """The request's token (header first, else the cookie), checked."""
-        raw = request.headers.get(TOKEN_HEADER)
-        if raw is None and "cookie" in request.headers:
-            try:
-                morsel = SimpleCookie(request.headers["cookie"]).get(TOKEN_COOKIE)
-            except CookieError:
-                morsel = None
-            raw = morsel.value if morsel is not None else None
+        headers = request.headers
+        raw = headers.get(TOKEN_HEADER)
+        if raw is None and (cookies := headers.get("cookie")) is not None:
+            raw = self._cookie(cookies)
         session = Session(self, self.decode(raw), deadline)
         request.state.consistency = session
         return session
+
+    def _cookie(self, header: str) -> str | None:
+        """The token in a Cookie header; a client sends the same header request after
+        request, so it is parsed once."""
+        if header in self._cookies:
+            return self._cookies[header]
+        try:
+            morsel = SimpleCookie(header).get(TOKEN_COOKIE)
+        except CookieError:
+            morsel = None
+        if len(self._cookies) >= _MEMO:
+            self._cookies.clear()
+        raw = self._cookies[header] = morsel.value if morsel is not None else None
+        return raw
 
     def stamp(self, request: Request, response: Response) -> None:
         """The token of what the answer reflected, on the response (header and cookie)."""
@@ -168,13 +180,19 @@ class Consistency:
         token, cookie = self._stamp(session.values())
         response.raw_headers += [(_TOKEN_HEADER_KEY, token.encode()), (b"set-cookie", cookie)]
 
+    def current(self, service: str, seq: int) -> bool:
+        """Whether this instance has applied `service`'s feed up to `seq` already (counted)."""
+        if self.feeds is not None and self.feeds.cursors.get(service, -1) >= seq:
+            self.counts["current"] += 1
+            return True
+        return False
+
     async def catch_up(self, service: str, seq: int, deadline: Deadline | None) -> bool:
         """Wait until this instance has applied `service`'s feed up to `seq`; False when it
         has, True when it could not in time (read the service past the caches)."""
-        feeds = self.feeds
-        if feeds is not None and feeds.cursors.get(service, -1) >= seq:
-            self.counts["current"] += 1
+        if self.current(service, seq):
             return False
+        feeds = self.feeds
         budget = self.max_wait if deadline is None else min(self.max_wait, deadline.remaining() - _MIN_LEFT)
         if feeds is not None and budget > 0:
             try:
@@ -218,6 +236,22 @@ class Session:
             waiting = self._caught_up[service] = asyncio.ensure_future(
                 self.consistency.catch_up(service, seq, self.deadline))
         return await asyncio.shield(waiting)
+
+    def ready(self, service: str) -> bool:
+        """Whether `service` can be read from the caches now, without an await: the token
+        asks nothing of it, or this instance has applied its feed up to what it asks (what
+        `settle` finds first, so it is not asked again for this request)."""
+        seq = self.asked.get(service, 0)
+        if seq <= 0:
+            return True
+        waiting = self._caught_up.get(service)
+        if waiting is not None:
+            return waiting.done() and not waiting.cancelled() and waiting.exception() is None and not waiting.result()
+        if not self.consistency.current(service, seq):
+            return False
+        waiting = self._caught_up[service] = asyncio.get_running_loop().create_future()
+        waiting.set_result(False)
+        return True
 
     def saw(self, service: str, seq: int) -> None:
         """The answer reflects `service`'s feed up to `seq`."""

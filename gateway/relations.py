@@ -28,7 +28,7 @@ from .auth import Caller
 from .errors import BadUserInput, Unauthenticated
 from .source import Binding, Reader, Stale
 
-__all__ = ["Relation", "RELATION", "PageKey", "int_id", "resolve", "read_pages", "Loaders"]
+__all__ = ["Relation", "RELATION", "PageKey", "int_id", "resolve", "read_pages", "peek_pages", "Loaders"]
 
 RELATION = "bookvault.relation"  # the key of a field's strawberry metadata
 MAX_FIRST = 100
@@ -102,6 +102,16 @@ async def read_pages(reader: Reader, binding: Binding, keys: list[PageKey]) -> d
         found = await reader.read(binding, parents, f"&limit={first}")
         out.update({(parent, first, None): found[parent] for parent in parents})
     return out
+
+
+def peek_pages(reader: Reader, binding: Binding, keys: list[PageKey]) -> dict[PageKey, Any] | None:
+    """`read_pages`' answer without an await (`Reader.peek`): first pages of one size, all
+    fresh in memory; None otherwise."""
+    if not keys or any(after is not None for _, _, after in keys) or len({first for _, first, _ in keys}) > 1:
+        return None
+    first = keys[0][1]
+    found = reader.peek(binding, [parent for parent, _, _ in keys], f"&limit={first}")
+    return None if found is None else {(parent, first, None): found[parent] for parent, _, _ in keys}
 
 
 class Loaders:

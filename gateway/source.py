@@ -29,7 +29,7 @@ from .errors import Forbidden, GatewayError, NotFound, Unauthenticated, Upstream
 from .flights import SingleFlight
 from .metrics import record_stale
 from .resilience import Deadline
-from .telemetry import annotate, batch_span, failed
+from .telemetry import annotate, batch_span, failed, observe_batches, recording
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -142,17 +142,9 @@ class Reader:
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
         """Every key's answer; `query` is appended to each call's URL (e.g. ``&limit=20``)."""
-        unique = list(dict.fromkeys(keys))
-        out: dict[Any, Any] = {}
-        if binding.owner is not None or binding.through_parent:
-            # Ownership known from the key (a customer's id) or no caller: refused unasked.
-            for key in unique:
-                if (refused := self.denied(binding, key if binding.owner == binding.key else None)) is not None:
-                    out[key] = refused
-            if out:
-                unique = [k for k in unique if k not in out]
-                if not unique:
-                    return out
+        out, unique = self._unasked(binding, keys)
+        if not unique:
+            return out
         size = self.source.upstream.max_batch(binding.service)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
         if len(chunks) == 1 and not out:
@@ -160,6 +152,48 @@ class Reader:
         for part in await asyncio.gather(*(self._chunk(binding, c, query) for c in chunks)):
             out.update(part)
         return out
+
+    def peek(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any] | None:
+        """`read`'s answer when every key's entry is fresh in this process's memory, found
+        without an await: a warm query's reads need no task, coroutine or call. None when
+        anything needs more (a miss, an entry past its TTL, a token naming a position this
+        instance has not reached, a traced operation, whose batch spans are made by `read`):
+        then `read` it."""
+        cache = self.source.cache
+        if cache is None or recording():
+            return None
+        if (session := self.session) is not None and not session.ready(binding.service):
+            return None
+        scoped = self._scope(binding, query)
+        if scoped is None:
+            return None
+        policy, scope = scoped
+        out, unique = self._unasked(binding, keys)
+        if not unique:
+            return out
+        entries = cache.peek_many(binding.entity, scope, unique, policy)
+        if entries is None:
+            return None
+        size = self.source.upstream.max_batch(binding.service)
+        observe_batches(binding.service, binding.path, (min(size, len(unique) - i) for i in range(0, len(unique), size)))
+        for key, entry in zip(unique, entries):
+            if session is not None:
+                session.saw(binding.service, entry.seq)
+            out[key] = self._cached(binding, key, entry)
+        return out
+
+    def _unasked(self, binding: Binding, keys: list[Any]) -> tuple[dict[Any, Any], list[Any]]:
+        """The keys refused without asking (ownership known from the key, a customer's id,
+        or no caller at all), and the distinct keys left to read."""
+        unique = list(dict.fromkeys(keys))
+        out: dict[Any, Any] = {}
+        if binding.owner is not None or binding.through_parent:
+            for key in unique:
+                if (refused := self.denied(binding, key if binding.owner == binding.key else None)) is not None:
+                    out[key] = refused
+            if out:
+                unique = [k for k in unique if k not in out]
+        return out, unique
 
     def denied(self, binding: Binding, owner: Any = None) -> GatewayError | None:
         """Why this caller may not have `binding`'s entity owned by `owner` (None: not yet

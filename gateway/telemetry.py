@@ -260,6 +260,20 @@ def batch_span(service: str, route: str, size: int | None = None, method: str = 
                 metrics.child(metrics.upstream_latency, service, route).observe(time.perf_counter() - started)
 
 
+def recording() -> bool:
+    """Whether the current operation is traced: its batch calls get spans (`batch_span`)."""
+    return trace.get_current_span().is_recording()
+
+
+def observe_batches(service: str, route: str, sizes: Iterable[int]) -> None:
+    """What `batch_span` observes of batches answered from memory without one (a warm read)."""
+    if (request := _REQUEST.get()) is not None:
+        metrics = request.telemetry.metrics
+        histogram = metrics.child(metrics.batch_size, service, route)
+        for size in sizes:
+            histogram.observe(size)
+
+
 def _client_span(telemetry: Telemetry, service: str, route: str, size: int | None,
                  method: str) -> contextlib.AbstractContextManager[trace.Span | None]:
     """The batch call's span; none under an operation that is not sampled (its children

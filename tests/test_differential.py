@@ -281,13 +281,20 @@ async def _both(services: _Services, query: str, variables: dict[str, Any], fail
     ref_ext = {**context.extensions, **partial_result(e.get("extensions", {}) for e in ref_errors if "path" in e)}
 
     source = await _source(services.upstream, stale)
-    data, errors, stale_served = await execute_plan(plan, values, source.reader(Caller("tester", staff=True)))
-    planned_errors = format_errors(errors)
-    planned_ext = partial_result(e.get("extensions", {}) for e in planned_errors if "path" in e)
-    if stale_served:
-        planned_ext["stale"] = stale_served
     non_null = {f.key for f in plan.root if f.non_null}
     reference = _normal(result.data, ref_errors, ref_ext, non_null)
+    planned = None
+    # Twice on one source: the second run finds what the first cached fresh, and reads it
+    # without an await (`Reader.peek`), the rest as the first did: the same answer.
+    for _ in range(2):
+        data, errors, stale_served = await execute_plan(plan, values, source.reader(Caller("tester", staff=True)))
+        planned_errors = format_errors(errors)
+        planned_ext = partial_result(e.get("extensions", {}) for e in planned_errors if "path" in e)
+        if stale_served:
+            planned_ext["stale"] = stale_served
+        again = _normal(data, planned_errors, planned_ext, non_null)
+        assert planned is None or again == planned, query
+        planned = again
     incremental = planner.plan(document, operation, values, incremental=True)  # type: ignore[arg-type]
     if incremental is not None and incremental.incremental:
         source = await _source(services.upstream, stale)
@@ -304,7 +311,7 @@ async def _both(services: _Services, query: str, variables: dict[str, Any], fail
         together = _normal(answer["data"], errors, ext, non_null)
         # Deferred fields come after the others: the same answer, its keys in another order.
         assert {**together, "data": json.loads(together["data"])} == {**reference, "data": json.loads(reference["data"])}, query
-    return reference, _normal(data, planned_errors, planned_ext, non_null)
+    return reference, planned
 
 
 def _no_propagation(data: Any, errors: list[dict[str, Any]]) -> bool:
