@@ -110,8 +110,12 @@ class MemoryLevel:
     def peek_many(self, keys: list[str], scope: str) -> list[Entry | None]:
         """`get_many`'s entries without its floors, synchronously: the backend's own dict
         (what ``_multi_get`` reads), so a warm read needs no await."""
-        stored = self._cache._cache
-        return [_visible(stored.get(key), scope) for key in keys]
+        stored, out = self._cache._cache, []
+        for key in keys:  # `_visible`, inline: this runs for every entity of a warm query
+            slot = stored.get(key)
+            entry = slot.entries.get(scope) if slot is not None else None
+            out.append(entry if entry is not None and entry.version >= slot.floor else None)
+        return out
 
     async def put(self, key: str, scope: str, entry: Entry, ttl: float) -> bool:
         return await self._update(key, ttl, lambda slot: _with_entry(slot, scope, entry))
@@ -438,15 +442,18 @@ class EntityCache:
                 await self.repair()
         return found, fresh
 
-    def peek_many(self, entity: str, scope: str, ids: list[Any], policy: CachePolicy) -> list[Entry] | None:
+    def peek_many(self, entity: str, scope: str, ids: list[Any], policy: CachePolicy,
+                  service: str) -> list[Entry] | None:
         """Each id's entry when every one is fresh in L1, read without an await; None when
         any is not (that read goes through `get_many`, which counts it). A warm query's
-        reads take this way: no task, no coroutine per read (ARCHITECTURE.md, "Versioned cache")."""
+        reads take this way: no task, no coroutine per read (ARCHITECTURE.md, "Plan, then
+        execute"). `service`: the one whose entries these are, for `fresh`."""
         prefix = f"{self.namespace}:{FORMAT}:{entity}:"
         entries = self.memory.peek_many([f"{prefix}{i}" for i in ids], scope)
-        now = self.clock()
-        for entry in entries:
-            if entry is None or not self.fresh(entry, policy, now):
+        now, ttl = self.clock(), policy.ttl
+        trusted = self._trusted_after.get(service, float("-inf"))
+        for entry in entries:  # `fresh`, inline
+            if entry is None or not (now - entry.fetched_at < ttl and entry.fetched_at >= trusted):
                 return None
         record_cache(entity, "l1", "hit", len(entries))
         return entries  # type: ignore[return-value]

@@ -241,9 +241,11 @@ class _Run:
             found = self.fetched.get(id(f.parent.relation.binding), {})  # type: ignore[union-attr]
             parents = [v.value if isinstance(v, Stale) else v for v in (found.get(k) for k in parent_keys)]
             keys = []
+            via = relation.via
             for obj in _walk([p for p in parents if p is not None and not isinstance(p, Exception)], f.path):
                 try:
-                    keys.append(relation.key_from_parent(obj, args))
+                    key = int(getattr(obj, via))  # type: ignore[arg-type]
+                    keys.append(relation.key_for(key, args) if relation.paged else key)
                 except (TypeError, ValueError, AttributeError):
                     continue  # shaping reports it at its path
             return keys

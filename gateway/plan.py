@@ -31,6 +31,7 @@ from graphql import (
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLDeferDirective,
+    GraphQLEnumType,
     GraphQLField,
     GraphQLIncludeDirective,
     GraphQLList,
@@ -305,6 +306,8 @@ class _Build:
             out.native = _NATIVE.get(t.name)  # type: ignore[union-attr]
             if t.name == "Int":  # type: ignore[union-attr]
                 out.serialize = _int(t.serialize)  # type: ignore[union-attr]
+            elif isinstance(t, GraphQLEnumType):
+                out.serialize = _enum(t.serialize)
         elif isinstance(t, GraphQLObjectType):
             out.children, out.deferred = self.selection(t, [n.selection_set for n in nodes if n.selection_set])
         else:  # interfaces and unions
@@ -318,6 +321,23 @@ _NATIVE = {"String": str, "ID": str, "Boolean": bool}  # Int also checks its 32-
 def _int(serialize: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def fast(value: Any) -> Any:
         return value if type(value) is int and -2147483648 <= value <= 2147483647 else serialize(value)
+
+    return fast
+
+
+def _enum(serialize: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An enum's serializer, remembered per value: strawberry's looks the name up among all of them."""
+    known: dict[Any, Any] = {}
+
+    def fast(value: Any) -> Any:
+        key = (type(value), value)  # by type too: 1 and True, a str-mixin member and its str
+        try:
+            return known[key]
+        except (KeyError, TypeError):  # not met yet, or not hashable (serialize says what it is)
+            out = serialize(value)
+            if len(known) < 64 and getattr(value, "__hash__", None) is not None:
+                known[key] = out
+            return out
 
     return fast
 

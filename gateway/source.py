@@ -139,6 +139,7 @@ class Reader:
         self.identity = caller.key if caller is not None else None
         self.deadline = deadline
         self.session = session  # the request's consistency token (gateway/consistency.py)
+        self.traced = recording()  # the operation's batch calls get spans: `read` makes them
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
         """Every key's answer; `query` is appended to each call's URL (e.g. ``&limit=20``)."""
@@ -160,7 +161,7 @@ class Reader:
         instance has not reached, a traced operation, whose batch spans are made by `read`):
         then `read` it."""
         cache = self.source.cache
-        if cache is None or recording():
+        if cache is None or self.traced:
             return None
         if (session := self.session) is not None and not session.ready(binding.service):
             return None
@@ -171,15 +172,19 @@ class Reader:
         out, unique = self._unasked(binding, keys)
         if not unique:
             return out
-        entries = cache.peek_many(binding.entity, scope, unique, policy)
+        service = binding.service
+        entries = cache.peek_many(binding.entity, scope, unique, policy, service)
         if entries is None:
             return None
-        size = self.source.upstream.max_batch(binding.service)
-        observe_batches(binding.service, binding.path, (min(size, len(unique) - i) for i in range(0, len(unique), size)))
+        size = self.source.upstream.max_batch(service)
+        observe_batches(service, binding.path, (min(size, len(unique) - i) for i in range(0, len(unique), size)))
+        seq, owned = 0, binding.owner is not None
         for key, entry in zip(unique, entries):
-            if session is not None:
-                session.saw(binding.service, entry.seq)
-            out[key] = self._cached(binding, key, entry)
+            seq = max(seq, entry.seq)
+            parsed = entry.parsed  # `_cached`, inline for what was parsed before and has no owner to check
+            out[key] = parsed if parsed is not None and not owned else self._cached(binding, key, entry)
+        if session is not None:
+            session.saw(service, seq)
         return out
 
     def _unasked(self, binding: Binding, keys: list[Any]) -> tuple[dict[Any, Any], list[Any]]:
