@@ -1,6 +1,6 @@
 """Every HTTP call to the services goes through here: pooled clients per service with
 their own timeouts and connection limits, a cap on body size, and the one place where
-httpx's exceptions become the gateway's (`raise ... from exc`). Each call runs under
+the transports' errors become the gateway's (`raise ... from exc`). Each call runs under
 `resilience` (deadline, breaker, retries of reads; ARCHITECTURE.md, "Resilience")."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-import aiohttp
 import httpx
 import orjson
 
 from .auth import CALLER_HEADER, caller_header
 from .config import ResilienceConfig, ServiceConfig
+from .http1 import Client, ConnectionFailed, Oversized, ProtocolViolation, Reply
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
 from .telemetry import annotate, outgoing
@@ -46,13 +46,6 @@ def _error_of(body: bytes) -> tuple[str | None, str | None]:
     except (ValueError, KeyError, TypeError):
         return None, None
     return (code if isinstance(code, str) else None), (message if isinstance(message, str) else None)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    headers: Mapping[str, str]  # looked up case-insensitively
-    body: bytes
 
 
 class Exchange(Protocol):
@@ -87,49 +80,32 @@ def _unreachable(service: str, exc: Exception, retryable: bool = False) -> Upstr
     return UpstreamUnavailable(f"{service} is unreachable ({type(exc).__name__})", service=service, retryable=retryable)
 
 
-class _Aiohttp:
-    """The network: aiohttp's HTTP/1.1 client, used directly. An upstream call is most of a
-    cold query's CPU, and httpx's client and its aiohttp transport cost about 0.6 ms on
-    top of aiohttp's own 0.3 ms per call (ARCHITECTURE.md, "Upstream calls")."""
+class _Http1:
+    """The network: the gateway's own HTTP/1.1 client (gateway/http1.py). An upstream call
+    is most of a cold query's CPU, and it costs half of aiohttp's and a fifth of httpx's per
+    call (ARCHITECTURE.md, "Upstream calls")."""
 
     def __init__(self, service: str, cfg: ServiceConfig) -> None:
-        self.service, self.base, self.cap, self.connect = service, cfg.url.rstrip("/"), cfg.max_body_bytes, cfg.connect_timeout
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=cfg.max_connections),
-            headers=_HEADERS, cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
-        self.timeouts: dict[float, aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, read: float) -> aiohttp.ClientTimeout:
-        # `connect` bounds the wait for a pooled connection and the connect; `sock_read` each read.
-        timeout = self.timeouts.get(read)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(total=None, connect=read + self.connect, sock_connect=self.connect,
-                                            sock_read=read)
-            if len(self.timeouts) < 64:
-                self.timeouts[read] = timeout
-        return timeout
+        self.service = service
+        self.client = Client(cfg.url, limit=cfg.max_connections, cap=cfg.max_body_bytes,
+                             connect_timeout=cfg.connect_timeout, headers=_HEADERS)
 
     async def __call__(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
                        timeout: float) -> Reply:
-        service, cap = self.service, self.cap
+        service = self.service
         try:
-            async with self.session.request(method, self.base + url, headers=headers, data=body,
-                                            timeout=self._timeout(timeout), allow_redirects=False) as response:
-                declared = response.content_length
-                if declared is not None and declared > cap:
-                    raise _oversized(service, cap)
-                content = await (response.read() if declared is not None
-                                 else _capped(response.content.iter_any(), service, cap))
-                return Reply(response.status, response.headers, content)
-        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
+            return await self.client.request(method, url, headers, body, timeout)
+        except TimeoutError as exc:  # no connection, or no whole answer, in time
             raise _late(service) from exc
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:  # refused, reset, dropped mid-body
+        except ConnectionFailed as exc:  # refused, reset, dropped mid-body
             raise _unreachable(service, exc, retryable=True) from exc
-        except aiohttp.ClientError as exc:  # other protocol violations
+        except Oversized as exc:
+            raise _oversized(service, self.client.cap) from exc
+        except ProtocolViolation as exc:
             raise _unreachable(service, exc) from exc
 
     async def aclose(self) -> None:
-        await self.session.close()
+        await self.client.aclose()
 
 
 class _Httpx:
@@ -164,7 +140,7 @@ class _Httpx:
 
 
 class Upstream:
-    """One pooled client per service, created in the app's lifespan: aiohttp's over the
+    """One pooled client per service, created in the app's lifespan: gateway/http1.py's over the
     network, or an httpx transport a test gives in its place."""
 
     def __init__(
@@ -178,7 +154,7 @@ class Upstream:
         self.resilience = resilience or Resilience(self.services, ResilienceConfig())
         transports = transports or {}
         self._exchanges: dict[str, Exchange] = {
-            name: _Httpx(name, cfg, transports[name]) if name in transports else _Aiohttp(name, cfg)
+            name: _Httpx(name, cfg, transports[name]) if name in transports else _Http1(name, cfg)
             for name, cfg in self.services.items()
         }
 
