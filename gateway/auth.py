@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import httpx
@@ -57,7 +58,7 @@ class Caller(BaseUser):
     scopes: frozenset[str] = frozenset()
     staff: bool = False  # holds the scope that sees every customer's data
 
-    @property
+    @cached_property  # verified tokens are remembered with their caller: made once per token
     def key(self) -> str:
         """The caller's private cache scope and single-flight key: a hash of the subject, so
         cache keys never carry a customer's identifier in clear."""
@@ -80,7 +81,7 @@ class Caller(BaseUser):
     def identity(self) -> str:
         return self.subject
 
-    @property
+    @cached_property  # sent with every upstream call
     def header(self) -> str:
         """The `X-BookVault-Caller` value: an RFC 8941 dictionary of printable ASCII."""
         def text(value: str) -> str:

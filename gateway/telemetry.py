@@ -104,6 +104,10 @@ class _Request:
     operation_type: str | None = None
     outcome: str | None = None
     upstream_calls: int = 0
+    # The trace context last sent upstream, and the span it was made under: the calls of an
+    # operation that is not sampled all go out under the request's own span.
+    sent_under: trace.Span | None = None
+    sent: dict[str, str] | None = None
 
 
 @dataclass
@@ -311,8 +315,15 @@ def annotate(**facts: Any) -> None:
 
 def outgoing(headers: dict[str, str]) -> None:
     """For every upstream call, before it is sent: trace context out, and the call counted."""
-    propagate.inject(headers)  # W3C traceparent: the service's spans join this trace
-    if (current := _REQUEST.get()) is not None:
+    current = _REQUEST.get()
+    if current is None:
+        propagate.inject(headers)  # W3C traceparent: the service's spans join this trace
+    else:
+        span = trace.get_current_span()
+        if current.sent_under is not span:  # the same span, the same context: injected once
+            current.sent, current.sent_under = {}, span
+            propagate.inject(current.sent)
+        headers.update(current.sent)  # type: ignore[arg-type]
         current.upstream_calls += 1
     if (batch := _BATCH.get()) is not None:
         batch.requests += 1
