@@ -241,14 +241,19 @@ class RawServer:
         else:
             writer.close()
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        try:
-            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        finally:
-            server.close()
-            await server.wait_closed()
+    def serving(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return serving(self._handle)
+
+
+@contextlib.asynccontextmanager
+async def serving(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> AsyncIterator[str]:
+    """A TCP server on a free 127.0.0.1 port, `handle` run for each connection; yields its URL."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def http_answer(status: str, content_type: str, body: bytes, headers: Mapping[str, str] | None = None,

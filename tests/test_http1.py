@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -15,6 +15,7 @@ from gateway.config import ResilienceConfig, ServiceConfig
 from gateway.http1 import Client, Oversized
 from gateway.resilience import Resilience
 from gateway.upstream import Upstream
+from shop import serving
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
 
@@ -50,13 +51,8 @@ class KeepAliveServer:
             self.open -= 1
             writer.close()
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        try:
-            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        finally:
-            server.close()
+    def serving(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return serving(self._handle)
 
 
 def upstream_for(url: str, **config: object) -> Upstream:
@@ -106,13 +102,10 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
         await writer.drain()
         writer.close()
 
-    served = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        upstream = upstream_for(f"http://127.0.0.1:{served.sockets[0].getsockname()[1]}")
+    async with serving(handle) as url:
+        upstream = upstream_for(url)
         assert await upstream.get_json("svc", "/x") == {"b": 2}
         await upstream.aclose()
-    finally:
-        served.close()
 
 
 async def test_a_chunked_body_past_the_cap_is_refused() -> None:
