@@ -117,6 +117,23 @@ async def test_a_read_with_the_token_of_a_write_sees_the_write_on_a_lagging_inst
             assert consistency.decode(token)["catalog"] >= seq
 
 
+async def test_a_token_the_instance_has_reached_is_answered_from_its_cache(shop: Shop) -> None:
+    """Echoing the token (header or cookie) of what the instance already applied costs no call: the cached entry answers."""
+    async with running_gateway(shop) as (client, app):
+        consistency = app.state.gateway.consistency
+        _, seq = await patch_book(shop, 6, "16.00")  # the catalog's feed has a position to name
+        await asyncio.wait_for(app.state.gateway.feeds.reached("catalog", seq), 10)
+        version, token = await read_book(client, 5)
+        assert consistency.decode(token)["catalog"] >= seq
+        await shop.reset_stats()
+        assert await read_book(client, 5, token) == (version, token)
+        client.cookies.set(TOKEN_COOKIE, token, path="/graphql")
+        response = await client.post("/graphql", json={"query": BOOK, "variables": {"id": "5"}})
+        assert response.json()["data"]["book"]["version"] == version
+        assert (await shop.calls())["catalog"] == []
+        assert consistency.counts["current"] == 2 and consistency.counts["bypassed"] == 0
+
+
 async def test_an_instance_that_cannot_catch_up_in_time_reads_past_its_caches(shop: Shop) -> None:
     """With no time to wait for its feed, a lagging instance asks the catalog, and answers the written version."""
     with own_redis() as (url, _):
