@@ -66,8 +66,13 @@ class MemoryReader(Reader):
 
     def __init__(self, data: dict[str, dict[Any, dict[str, Any]]]) -> None:
         self.data = data
+        self.caller = None  # staff-like: the bench reads every customer's data
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
+        return self.peek(binding, keys, query)
+
+    def peek(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
+        """As the entity source answers a warm query: at once, without an await."""
         table = self.data[binding.entity]
         return {k: binding.parse(table[k]) if k in table else None for k in keys}
 
