@@ -6,8 +6,8 @@ process, a GET of 8 books from the catalog, 6 in flight), for features the gatew
 use: cookies, redirects, compression, proxies, multipart, tracing hooks, URL normalisation.
 
 What it does: one request at a time per connection (no pipelining), idle connections reused
-(last in, first out) and dropped as soon as the service closes them, at most `limit` open
-at once; bodies framed by Content-Length, chunked transfer coding (RFC 9112 §7.1) or the
+(last in, first out) and dropped as soon as the service closes them or after `keepalive`
+seconds idle, at most `limit` open at once; bodies framed by Content-Length, chunked transfer coding (RFC 9112 §7.1) or the
 end of the connection (§6.3), refused past `cap` bytes. Errors are this module's own,
 translated to the gateway's by `upstream.py`, once."""
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -54,6 +55,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.waiter: asyncio.Future[Reply] | None = None
+        self.idle_since = 0.0
         self.error: Exception | None = None  # raised in a parser callback (httptools wraps those)
         self._reset()
 
@@ -156,7 +158,8 @@ class Client:
     """Connections to one service at `base` (``http://host:port[/prefix]``, or https)."""
 
     def __init__(self, base: str, *, limit: int, cap: int, connect_timeout: float,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, keepalive: float = 4.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base!r}")
@@ -166,6 +169,10 @@ class Client:
         self.cap, self.connect_timeout = cap, connect_timeout
         fixed = {"host": parts.netloc.rpartition("@")[2], **(headers or {})}
         self.fixed = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
+        # A server closes a connection idle for a while (uvicorn after 5 s), and a request sent
+        # as it does is lost: a read is sent again, a write is not (RFC 9112 §9.3.1). So a
+        # connection idle for `keepalive` seconds is closed by this side instead of reused.
+        self.keepalive, self.clock = keepalive, clock
         self.idle: list[_Connection] = []
         self.slots = asyncio.Semaphore(limit)
         self._open: set[_Connection] = set()
@@ -197,6 +204,7 @@ class Client:
                 self._drop(connection)
                 raise
             if again:
+                connection.idle_since = self.clock()
                 self.idle.append(connection)
             else:
                 self._drop(connection)
@@ -205,11 +213,13 @@ class Client:
             self.slots.release()
 
     async def _connection(self) -> _Connection:
-        while self.idle:
-            connection = self.idle.pop()
-            if connection.reusable():
-                return connection
-            self._drop(connection)
+        if self.idle:
+            stale = self.clock() - self.keepalive
+            while self.idle:
+                connection = self.idle.pop()
+                if connection.idle_since > stale and connection.reusable():
+                    return connection
+                self._drop(connection)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):

@@ -71,6 +71,22 @@ async def test_sequential_calls_share_one_connection() -> None:
     assert server.connections == 1
 
 
+async def test_a_connection_idle_past_the_keepalive_is_not_reused() -> None:
+    """A connection left idle longer than the keep-alive expiry is closed, not sent a request the server may be closing on."""
+    now = [100.0]
+    server = KeepAliveServer(lambda n: OK)
+    async with server.serving() as url:
+        client = Client(url, limit=4, cap=1000, connect_timeout=1, keepalive=4.0, clock=lambda: now[0])
+        await client.request("GET", "/x", {}, None, 1)
+        now[0] += 3.9
+        await client.request("GET", "/x", {}, None, 1)
+        assert server.connections == 1
+        now[0] += 4.1
+        await client.request("GET", "/x", {}, None, 1)
+        await client.aclose()
+    assert server.connections == 2
+
+
 async def test_concurrent_calls_stay_within_the_connection_limit() -> None:
     """Twelve calls at once with a limit of 3: all answered, never more than 3 connections open."""
     server = KeepAliveServer(lambda n: OK)
