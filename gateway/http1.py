@@ -115,6 +115,9 @@ class _Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:
+            self._reset()  # an interim answer (RFC 9110 §15.2): the final one follows
+            return
         self.keep_alive = self.parser.should_keep_alive()  # only known here: the parser resets after
         self._done()
 

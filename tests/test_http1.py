@@ -124,6 +124,17 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
         await upstream.aclose()
 
 
+async def test_an_interim_answer_is_passed_over() -> None:
+    """A 100 Continue before the answer (RFC 9110 §15.2) is not taken for it."""
+    server = KeepAliveServer(lambda n: b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+    async with server.serving() as url:
+        upstream = upstream_for(url)
+        assert await upstream.get_json("svc", "/x") == {"ok": True}
+        assert await upstream.get_json("svc", "/x") == {"ok": True}
+        await upstream.aclose()
+    assert server.connections == 1
+
+
 async def test_a_chunked_body_past_the_cap_is_refused() -> None:
     """A body without a length that grows past the cap is UPSTREAM_BAD_RESPONSE, not read on."""
     big = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"
