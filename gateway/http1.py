@@ -1,15 +1,15 @@
 """The gateway's HTTP/1.1 client for the services (ARCHITECTURE.md, "Upstream calls"): keep-alive
-connections per service over asyncio's transports, responses parsed by httptools (the
-parser uvicorn serves with). An upstream call is most of a cold query's CPU; aiohttp's
-client costs about twice this one per call (270 against 120 µs, CPU of the calling
-process, a GET of 8 books from the catalog, 6 in flight), for features the gateway does not
-use: cookies, redirects, compression, proxies, multipart, tracing hooks, URL normalisation.
+connections per service over asyncio's transports, answers parsed by httptools (the parser
+uvicorn serves with). An upstream call is most of a cold query's CPU, and aiohttp's client
+costs about 1.8 times this one's per call (`bench/upstream_bench.py`), for features the
+gateway does not use: cookies, redirects, compression, proxies, multipart, tracing hooks,
+URL normalisation.
 
-What it does: one request at a time per connection (no pipelining), idle connections reused
-(last in, first out) and dropped as soon as the service closes them or after `keepalive`
-seconds idle, at most `limit` open at once; bodies framed by Content-Length, chunked transfer coding (RFC 9112 §7.1) or the
-end of the connection (§6.3), refused past `cap` bytes. Errors are this module's own,
-translated to the gateway's by `upstream.py`, once."""
+What it does: one request at a time per connection (no pipelining); idle connections reused
+last in, first out, and dropped as soon as the service closes them or after `keepalive`
+seconds idle; at most `limit` open at once; bodies framed by Content-Length, chunked
+transfer coding (RFC 9112 §7.1) or the end of the connection (§6.3), refused past `cap`
+bytes. Errors are this module's own, translated to the gateway's by `upstream.py`, once."""
 
 from __future__ import annotations
 
