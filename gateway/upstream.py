@@ -82,8 +82,8 @@ def _unreachable(service: str, exc: Exception, retryable: bool = False) -> Upstr
 
 class _Http1:
     """The network: the gateway's own HTTP/1.1 client (gateway/http1.py). An upstream call
-    is most of a cold query's CPU, and it costs half of aiohttp's and a fifth of httpx's per
-    call (ARCHITECTURE.md, "Upstream calls")."""
+    is most of a cold query's CPU, and it costs about half of aiohttp's and a sixth of httpx's
+    per call (ARCHITECTURE.md, "Upstream calls")."""
 
     def __init__(self, service: str, cfg: ServiceConfig) -> None:
         self.service = service
