@@ -6,6 +6,7 @@ Library code only logs; the process entry point (`bookvault gateway`) calls `con
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -24,18 +25,37 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": _time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:
-            line["traceId"] = trace.format_trace_id(span.trace_id)
-        line.update(getattr(record, "fields", {}))
+        fields = getattr(record, "fields", {})
+        if "traceId" not in fields:  # a request's line brings its own
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
+                line["traceId"] = trace.format_trace_id(span.trace_id)
+        line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text (swapped whole)
+
+
+def _time(created: float) -> str:
+    """RFC 3339 UTC with milliseconds, as `datetime.isoformat` gives it (microseconds rounded
+    half to even first); the date and time of day are formatted once a second."""
+    global _second
+    fraction, whole = math.modf(created)
+    micro = round(fraction * 1e6)
+    current = int(whole) + micro // 1_000_000
+    second, text = _second
+    if second != current:
+        text = datetime.fromtimestamp(current, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (current, text)
+    return f"{text}.{micro % 1_000_000 // 1000:03d}Z"
 
 
 def request_log(**fields: Any) -> None:

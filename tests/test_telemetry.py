@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +364,14 @@ async def test_a_held_event_loop_shows_in_the_lag_histogram(traced: httpx.AsyncC
         return after[key] - before.get(key, 0.0)
 
     assert count("+Inf") - count("0.1") >= 1  # one wake-up was over 100 ms late
+
+
+def test_log_lines_carry_rfc3339_utc_times_with_milliseconds() -> None:
+    """Each JSON line's time is the record's instant in UTC to the millisecond, as datetime writes it, across second boundaries."""
+    formatter = logs.JsonFormatter()
+    for created in (1_700_000_000.0, 1_700_000_000.9994, 1_700_000_000.9999996, 1_700_000_001.0005, 1_763_794_800.1229995):
+        record = logging.LogRecord("bookvault.test", logging.INFO, __file__, 1, "hello", None, None)
+        record.created = created
+        line = json.loads(formatter.format(record))
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert line["time"] == expected and line["message"] == "hello" and line["level"] == "info"
