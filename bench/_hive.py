@@ -115,7 +115,7 @@ def mesh_document(document: dict[str, Any]) -> dict[str, Any]:
     integers (`style: form, explode: false` keeps `1,2,3` on the wire, and the keys taken
     from integer fields such as `bookId` pass as they are), GET /orders as one object, and
     path ids as plain strings (Mesh makes a scalar type per `pattern`, `queryInput_order_id`;
-    the service still checks the pattern)."""
+    the service still checks the pattern), and without `include`, which only BookVault uses."""
     doc = copy.deepcopy(document)
     paths: dict[str, Any] = {}
     for path, operations in doc.get("paths", {}).items():
@@ -123,6 +123,8 @@ def mesh_document(document: dict[str, Any]) -> dict[str, Any]:
         if path in SHARED_ROUTES or get is None:
             continue
         get["operationId"] = FIELD_NAMES.get(path, get.get("operationId", path.strip("/").replace("/", "_")))
+        # BookVault's own: `include` (a book's author sent with it) and the `included` it answers.
+        get["parameters"] = [p for p in get.get("parameters", []) if p.get("name") != "include"]
         for param in get.get("parameters", []):
             if param.get("in") == "path":
                 param["schema"].pop("pattern", None)
@@ -132,6 +134,7 @@ def mesh_document(document: dict[str, Any]) -> dict[str, Any]:
         content = get.get("responses", {}).get("200", {}).get("content", {}).get("application/json")
         if content and "schema" in content:
             content["schema"] = _page_or_batch(content["schema"])
+            content["schema"].get("properties", {}).pop("included", None)
         paths[path] = {"get": get}
     doc["paths"] = paths
     return doc

@@ -468,16 +468,20 @@ class EntityCache:
         record_cache(entity, level, "expired", len(entries) - fresh)
         record_cache(entity, level, "miss", asked - len(entries))
 
-    async def put_many(self, entity: str, scope: str, entries: dict[int, Entry], policy: CachePolicy) -> None:
+    async def put_many(self, entity: str, scope: str, entries: dict[int, Entry], policy: CachePolicy) -> set[int]:
+        """Write each entry where it is not older than what L1 holds; the ids L1 took."""
         keep = policy.ttl + policy.max_stale
         items = {self.key(entity, i): entry for i, entry in entries.items()}
-        for key, entry in items.items():
-            await self.memory.put(key, scope, entry, keep)
+        taken = set()
+        for (i, entry), key in zip(entries.items(), items):
+            if await self.memory.put(key, scope, entry, keep):
+                taken.add(i)
         if self.redis is not None and items:
             try:
                 await self.redis.put_many(items, scope, keep)
             except RedisUnavailable:
                 pass
+        return taken
 
     async def invalidate(self, entity: str, entity_id: int, version: int, keep: float) -> None:
         await self.invalidate_many([(entity, entity_id, version, keep)])

@@ -197,10 +197,11 @@ class _Run:
         found = self.fetched.get(id(group.fields[0].relation.binding), {})  # type: ignore[union-attr]
         return [k for k in dict.fromkeys(wanted) if k not in found]
 
-    def _peek(self, group: Group, reader: Reader) -> bool:
+    def _peek(self, group: Group, reader: Reader, wanted: list[Any] | None = None) -> bool:
         relation = group.fields[0].relation
         assert relation is not None
-        wanted = self._wanted(group)
+        if wanted is None:
+            wanted = self._wanted(group)
         try:
             got = (peek_pages(reader, relation.binding, wanted) if relation.paged
                    else reader.peek(relation.binding, wanted)) if wanted else {}
@@ -217,11 +218,12 @@ class _Run:
         relation = group.fields[0].relation
         assert relation is not None
         wanted = self._wanted(group)
-        if wanted:
+        if wanted and not self._peek(group, reader, wanted):  # what a group before left in the cache
             found = self.fetched.setdefault(id(relation.binding), {})
             try:
                 found.update(await (read_pages(reader, relation.binding, wanted) if relation.paged
-                                    else reader.read(relation.binding, wanted)))
+                                    else reader.read(relation.binding, wanted, include=group.include,
+                                                     included=self.fetched)))
             except Exception as exc:  # a bug below: masked at each field's path, as graphql-core would
                 found.update(dict.fromkeys(wanted, exc))
 

@@ -50,6 +50,7 @@ from graphql.execution.values import VariableValues, get_argument_values, get_di
 
 from .documents import Document
 from .relations import RELATION, Relation
+from .source import Binding
 
 __all__ = ["Deferred", "Field", "Group", "Plan", "Planner", "Unsupported", "LEAF", "OBJECT", "RELATION_FIELD", "TYPENAME"]
 
@@ -118,6 +119,9 @@ class Group:
     fields: tuple[Field, ...]
     after: tuple[int, ...]
     deferral: int = 0
+    # Entities of a later group that the service sends along with this group's read when
+    # asked (a relation's `included`): (name, binding) each. They are then not read again.
+    include: tuple[tuple[str, Binding], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,15 @@ def _groups(root: tuple[Field, ...], deferred: tuple[Deferred, ...] = ()) -> tup
     walk(None, root, ())
     for d in deferred:
         later(None, d, ())
+    include: dict[Key, dict[str, Binding]] = {}
+    for fields in placed.values():
+        for f in fields:
+            relation, parent = f.relation, f.parent
+            if relation.included and parent is not None and not f.same and not f.path and not parent.relation.paged \
+                    and relation.binding.owner is None and not relation.binding.through_parent:  # type: ignore[union-attr]
+                key = (level_of[id(parent)], id(parent.relation.binding), parent.deferral)  # type: ignore[union-attr]
+                include.setdefault(key, {})[relation.included] = relation.binding  # type: ignore[union-attr]
     order = sorted(placed, key=lambda g: g[0])
     index = {g: i for i, g in enumerate(order)}
-    return tuple(Group(g[0], tuple(placed[g]), tuple(sorted(index[d] for d in waits[g])), g[2]) for g in order)
+    return tuple(Group(g[0], tuple(placed[g]), tuple(sorted(index[d] for d in waits[g])), g[2],
+                       tuple(sorted(include.get(g, {}).items(), key=lambda item: item[0]))) for g in order)

@@ -7,6 +7,7 @@ resolver calls `resolve`, which asks the same declaration for the keys.
     many ids, from an argument   books(ids)         Relation(BOOK, arg="ids", many=True)
     by id, from the parent       Book.author        Relation(AUTHOR, via="author_id")
     by foreign key               Order.payment      Relation(PAYMENT, via="id")  (PAYMENT keyed by orderId)
+    sent with the parent         Book.author        Relation(AUTHOR, via="author_id", included="author")
     one-to-many                  Book.reviews       Relation(REVIEWS, via="id")  (REVIEWS: Binding(..., many=True))
     paged, one-to-many           Customer.orders    Relation(ORDER_PAGES, via="id", paged=True)
     the caller's own             me                 Relation(CUSTOMER, mine=True)  (the token's customer)
@@ -51,6 +52,10 @@ class Relation:
     many: bool = False
     paged: bool = False  # arguments `first` and `after`; keys are `PageKey`s
     mine: bool = False  # the key is the caller's own customer id (gateway/auth.py)
+    # The name under which the parent's service sends these entities along with the parent's
+    # batch read when asked (`&include=<name>`, the answer's `included.<name>`): the parent
+    # and these come in one call (a book and its author, both the catalog's).
+    included: str | None = None
     # Entities one key stands for, for the cost analysis (gateway/cost.py); None: one, or a
     # paged relation's `first`.
     estimate: int | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,16 +141,20 @@ class Reader:
         self.session = session  # the request's consistency token (gateway/consistency.py)
         self.traced = recording()  # the operation's batch calls get spans: `read` makes them
 
-    async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
-        """Every key's answer; `query` is appended to each call's URL (e.g. ``&limit=20``)."""
+    async def read(self, binding: Binding, keys: list[Any], query: str = "", include: Include = (),
+                   included: dict[int, dict[Any, Any]] | None = None) -> dict[Any, Any]:
+        """Every key's answer; `query` is appended to each call's URL (e.g. ``&limit=20``).
+        `include`: related entities the service sends along when asked (a book's author), by
+        name and binding: cached like any read of theirs, or, where their type is not cached,
+        put in `included` (by binding, then key), so that they are not read again."""
         out, unique = self._unasked(binding, keys)
         if not unique:
             return out
         size = self.source.upstream.max_batch(binding.service)
         chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
         if len(chunks) == 1 and not out:
-            return await self._chunk(binding, chunks[0], query)
-        for part in await asyncio.gather(*(self._chunk(binding, c, query) for c in chunks)):
+            return await self._chunk(binding, chunks[0], query, include, included)
+        for part in await asyncio.gather(*(self._chunk(binding, c, query, include, included) for c in chunks)):
             out.update(part)
         return out
 
@@ -243,12 +247,14 @@ class Reader:
             return (policy, f"u:{self.identity}{query}") if self.identity else None
         return policy, f"public{query}"
 
-    async def _chunk(self, binding: Binding, keys: list[Any], query: str) -> dict[Any, Any]:
+    async def _chunk(self, binding: Binding, keys: list[Any], query: str, include: Include = (),
+                     included: dict[int, dict[Any, Any]] | None = None) -> dict[Any, Any]:
         with batch_span(binding.service, binding.path, len(keys)):
             bypass = await self._settle(binding)
             scoped = None if bypass else self._scope(binding, query)
             if scoped is None:
-                fetched = await self._fetch(binding, keys, query, bypass)
+                fetched = await self._fetch(binding, keys, query, bypass, include)
+                await self._take_included(include, fetched, included, bypass)
                 return {k: self._result(binding, k, fetched) for k in keys}
             cache = self.source.cache
             assert cache is not None
@@ -256,7 +262,8 @@ class Reader:
             cached, fresh = await cache.get_many(binding.entity, scope, keys, policy)
             need = [k for k in keys if k not in fresh]
             annotate(cache_hits=len(keys) - len(need), cache_misses=len(need))
-            fetched = await self._fetch(binding, need, query) if need else {}
+            fetched = await self._fetch(binding, need, query, include=include) if need else {}
+            await self._take_included(include, fetched, included)
             now = cache.clock()
             entries: dict[Any, Entry] = {}
             if isinstance(fetched, dict):
@@ -300,16 +307,48 @@ class Reader:
             return out
 
     async def _fetch(self, binding: Binding, keys: list[Any], query: str,
-                     bypass: bool = False) -> dict[Any, Any] | UpstreamError:
+                     bypass: bool = False, include: Include = ()) -> dict[Any, Any] | UpstreamError:
         """One batch call: the payloads found, by key (the answer's feed position under
-        `_POSITION`), or the error that stands for every key."""
+        `_POSITION`, the related entities it was asked to include under `_INCLUDED`), or the
+        error that stands for every key."""
         url = f"{binding.path}?{binding.param}={','.join(map(str, keys))}{query}"
+        if include:
+            url += "&include=" + ",".join(name for name, _ in include)
         try:
             body, seq = await self._get(binding, url, bypass)
-            return _index(body, binding, seq)
+            return _index(body, binding, seq, include)
         except UpstreamError as exc:
             failed(exc)
             return exc
+
+    async def _take_included(self, include: Include, fetched: dict[Any, Any] | UpstreamError,
+                             included: dict[int, dict[Any, Any]] | None, bypass: bool = False) -> None:
+        """The related entities an answer carried, handed over in `included` (by binding,
+        then key) as if read. Where their type is cached, they are written as their own read
+        would write them, and handed over only where the cache took them: one older than a
+        version this instance has seen is left out, to be read on its own (ARCHITECTURE.md,
+        "Versioned cache")."""
+        if not include or not isinstance(fetched, dict):
+            return
+        cache, seq = self.source.cache, max(0, int(fetched.get(_POSITION, 0)))
+        for name, related in include:
+            payloads: dict[Any, Any] = fetched.get(_INCLUDED, {}).get(name) or {}
+            scoped = None if bypass else self._scope(related)
+            entries: dict[Any, Entry] = {}
+            if scoped is not None and cache is not None:
+                now, by_seq = cache.clock(), related.feed_key is not None  # as `_chunk` writes them
+                entries = {key: Entry(p, seq if by_seq else p["version"], now, related.service, seq=seq)
+                           for key, p in payloads.items() if by_seq or isinstance(p.get("version"), int)}
+                taken = await cache.put_many(related.entity, scoped[1], entries, scoped[0])
+                payloads = {key: p for key, p in payloads.items() if key in taken}
+            if included is not None and payloads:
+                found = included.setdefault(id(related), {})
+                for key, payload in payloads.items():
+                    entry = entries.get(key)
+                    found.setdefault(key, self._cached(related, key, entry) if entry is not None
+                                     else self._parse(related, key, payload))
+                if self.session is not None:
+                    self.session.saw(related.service, seq)
 
     async def _get(self, binding: Binding, url: str, bypass: bool = False) -> tuple[Any, int]:
         """The answer, and the feed position it reflects (-1: unknown)."""
@@ -386,11 +425,14 @@ class Reader:
             return _breach(binding.service, binding.entity, exc)
 
 
-# Where `_fetch` keeps the answer's feed position among the payloads (no id is a string).
+# Where `_fetch` keeps the answer's feed position and its included entities among the
+# payloads (no id is a string).
 _POSITION = "_feedSeq"
+_INCLUDED = "_included"
+Include = Sequence[tuple[str, Binding]]  # (name, binding) of the related entities to send along
 
 
-def _index(body: Any, binding: Binding, seq: int = 0) -> dict[Any, dict[str, Any]]:
+def _index(body: Any, binding: Binding, seq: int = 0, include: Include = ()) -> dict[Any, dict[str, Any]]:
     """Match a batch answer to the ids asked for; its order is not promised (README, services)."""
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list) or not all(isinstance(item, dict) and isinstance(item.get(binding.key), int) for item in data):
@@ -403,4 +445,10 @@ def _index(body: Any, binding: Binding, seq: int = 0) -> dict[Any, dict[str, Any
     else:
         out = {item[binding.key]: item for item in data}
     out[_POSITION] = seq
+    if include:
+        # Optional for the service: what it did not send (or not in shape) is read on its own.
+        sent = body.get("included")
+        out[_INCLUDED] = {name: {item[related.key]: item for item in sent.get(name) or ()
+                                 if isinstance(item, dict) and isinstance(item.get(related.key), int)}
+                          for name, related in include if isinstance(sent, dict) and isinstance(sent.get(name), list)}
     return out

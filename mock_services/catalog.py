@@ -10,7 +10,7 @@ from .app import ServiceSpec
 from .db import BigId, add_outbox
 from .demo_data import Shop
 from .params import cents, money
-from .resource import Entity, add_patch, add_reads, changes, versioned_table
+from .resource import Entity, Include, add_patch, add_reads, changes, versioned_table
 
 metadata = MetaData()
 add_outbox(metadata)
@@ -42,7 +42,8 @@ def book_columns(body: models.BookPatch) -> dict[str, Any]:
 
 
 def routes(api: Api) -> None:
-    add_reads(api, BOOK, "/books", "id")
+    # `GET /books?ids=...&include=author`: the books and their authors in one answer.
+    add_reads(api, BOOK, "/books", "id", include={"author": Include(AUTHOR, "author_id")})
     add_patch(api, BOOK, "/books", "id", models.BookPatch, book_columns)
     add_reads(api, AUTHOR, "/authors", "id")
 

@@ -12,13 +12,13 @@ from sqlalchemy import Column, Integer, MetaData, Row, String, Table, select, up
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .api import IDS_PATTERN, Api, batch_of, path_param, query_param
+from .api import IDS_PATTERN, Api, batch_of, path_param, query_param, ref
 from .context import context
 from .db import now_iso
 from .errors import BadRequest, NotFound
 from .params import parse_id, parse_ids, read_body
 
-__all__ = ["Entity", "add_one", "add_reads", "add_patch", "batch_query", "batch_response", "changes", "etag_of", "versioned_table"]
+__all__ = ["Entity", "Include", "add_one", "add_reads", "add_patch", "batch_query", "batch_response", "changes", "etag_of", "versioned_table"]
 
 Guard = Callable[[Row[Any], Any], None]
 
@@ -59,24 +59,65 @@ def _not_modified(request: Request, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in tags
 
 
-async def batch_response(request: Request, entity: Entity, column: str, ids: list[int]) -> JSONResponse:
+@dataclass(frozen=True)
+class Include:
+    """A related entity of the same service a batch read can carry with its rows, under
+    `included` (JSON:API's compound documents, jsonapi.org/format/#document-compound-documents):
+    `entity`'s rows whose key is in this table's `column`. One answer, read in one
+    transaction, so a client makes one call instead of two in a row."""
+
+    entity: Entity
+    column: str
+
+
+async def batch_response(request: Request, entity: Entity, column: str, ids: list[int],
+                         include: dict[str, Include] | None = None) -> JSONResponse:
     t = entity.table
+    included: dict[str, list[dict[str, Any]]] = {}
     async with context(request).db.read() as conn:
         rows = (await conn.execute(select(t).where(t.c[column].in_(ids)))).all()
+        for name, related in (include or {}).items():
+            keys = sorted({getattr(r, related.column) for r in rows})
+            other = related.entity.table
+            found_rows = (await conn.execute(select(other).where(other.c[related.entity.key].in_(keys)))).all() if keys else []
+            included[name] = [related.entity.to_json(r) for r in found_rows]
     found = {getattr(r, column) for r in rows}
-    return JSONResponse({"data": [entity.to_json(r) for r in rows], "missing": [i for i in ids if i not in found]})
+    body: dict[str, Any] = {"data": [entity.to_json(r) for r in rows], "missing": [i for i in ids if i not in found]}
+    if include is not None:
+        body["included"] = included
+    return JSONResponse(body)
 
 
-def add_reads(api: Api, entity: Entity, path: str, param: str, batch_param: str = "ids", batch_column: str | None = None) -> None:
+def _included(request: Request, include: dict[str, Include]) -> dict[str, Include] | None:
+    """The related entities `?include=a,b` asks for (None: not asked); an unknown one is a 400."""
+    raw = request.query_params.get("include")
+    if raw is None:
+        return None
+    names = raw.split(",")
+    unknown = [n for n in names if n not in include]
+    if unknown or not raw:
+        raise BadRequest(f"include takes {', '.join(sorted(include)) or 'nothing'} on this route, got {raw[:40]!r}")
+    return {name: include[name] for name in names}
+
+
+def add_reads(api: Api, entity: Entity, path: str, param: str, batch_param: str = "ids", batch_column: str | None = None,
+              include: dict[str, Include] | None = None) -> None:
     add_one(api, entity, path, param)
     column = batch_column or entity.key
+    include = include or {}
 
     async def many(request: Request) -> Response:
         ids = parse_ids(request.query_params.get(batch_param), batch_param, context(request).max_batch)
-        return await batch_response(request, entity, column, ids)
+        return await batch_response(request, entity, column, ids, _included(request, include))
 
-    api.add("GET", path, many, summary=f"{entity.name.capitalize()}s by {batch_param}",
-            params=[batch_query(batch_param, required=True)], ok=(200, batch_of(entity.schema)))
+    params, schema = [batch_query(batch_param, required=True)], batch_of(entity.schema)
+    if include:
+        names = "|".join(sorted(include))
+        params.append(query_param("include", f"Related entities to send along, under `included`: {', '.join(sorted(include))}",
+                                  {"type": "string", "pattern": f"^({names})(,({names}))*$"}))
+        schema["properties"]["included"] = {"type": "object", "additionalProperties": False, "properties": {
+            name: {"type": "array", "items": ref(related.entity.schema)} for name, related in include.items()}}
+    api.add("GET", path, many, summary=f"{entity.name.capitalize()}s by {batch_param}", params=params, ok=(200, schema))
 
 
 def batch_query(name: str, required: bool = False) -> dict[str, Any]:

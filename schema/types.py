@@ -132,7 +132,7 @@ class Book:
     version: int
     author_id: strawberry.Private[int]
 
-    @strawberry.field(metadata=Relation(AUTHOR, via="author_id").metadata())
+    @strawberry.field(metadata=Relation(AUTHOR, via="author_id", included="author").metadata())
     async def author(self, info: Ctx) -> Author | None:
         return await resolve(info, self)
 

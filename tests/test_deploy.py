@@ -177,9 +177,9 @@ def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes
         "bookvault-gateway", *SERVICES}
     records = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.startswith("{")]
     (line,) = [r for r in records if r["logger"] == "bookvault.requests"]  # a busy machine may add Redis warnings
-    assert (line["traceId"], line["operation"], line["upstreamCalls"]) == (trace_id, "OrderPage", 7)
+    assert (line["traceId"], line["operation"], line["upstreamCalls"]) == (trace_id, "OrderPage", 6)
 
 
-# Touches all six services: customer, books, authors, stock, payment, shipment.
+# Touches all six services: customer, books (their authors included), stock, payment, shipment.
 ORDER_PAGE_ALL = """query OrderPage { order(id: 4850) { customer { name } payment { status } shipment { status }
   items { book { title author { name } stock { available } } } } }"""

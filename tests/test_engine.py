@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 
 import httpx
 
-from shop import Shop
+from shop import Shop, gateway_client
 from test_gateway import graphql, overlap, routes
 
 
@@ -50,8 +51,8 @@ async def test_nested_customers_and_their_orders_cost_one_call_per_service_and_l
     assert calls["customers"][0]["ids"] == len(customers)  # the nested customers were read already
 
 
-async def test_the_order_history_takes_three_levels(gateway: httpx.AsyncClient, shop: Shop) -> None:
-    """Customer and page, then books, payments and shipments together, then authors: three levels, six calls."""
+async def test_the_order_history_takes_two_levels(gateway: httpx.AsyncClient, shop: Shop) -> None:
+    """Customer and page, then books (their authors included), payments and shipments together: two levels, five calls."""
     for service in shop.apps:
         await shop.faults(service, latencyMs=30)
     query = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { nodes { id items { book {
@@ -59,7 +60,7 @@ async def test_the_order_history_takes_three_levels(gateway: httpx.AsyncClient, 
     body = await graphql(gateway, query, id="7")
     assert "errors" not in body
     calls = [c for reqs in (await shop.calls()).values() for c in reqs]
-    assert len(calls) == 6
+    assert len(calls) == 5
     levels: list[list[dict]] = []
     for call in sorted(calls, key=lambda c: c["start"]):
         if levels and all(overlap(call, other) for other in levels[-1]):
@@ -67,8 +68,36 @@ async def test_the_order_history_takes_three_levels(gateway: httpx.AsyncClient, 
         else:
             levels.append([call])
     assert [sorted(c["route"] for c in level) for level in levels] == [
-        ["/customers", "/orders"], ["/books", "/payments", "/shipments"], ["/authors"]]
+        ["/customers", "/orders"], ["/books", "/payments", "/shipments"]]
     assert all(overlap(a, b) for level in levels for a, b in itertools.combinations(level, 2))
+
+
+class WithoutIncluded(httpx.AsyncBaseTransport):
+    """The catalog as a service that does not know `include`: its answers carry no `included`."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        body = json.loads(await response.aread())
+        if isinstance(body, dict):
+            body.pop("included", None)
+        return httpx.Response(response.status_code, headers={k: v for k, v in response.headers.items()
+                                                             if k.lower() != "content-length"}, json=body)
+
+
+async def test_authors_a_catalog_does_not_send_along_are_read_in_a_level_of_their_own(shop: Shop) -> None:
+    """Books whose service ignores `include`: the same answer, the authors read after the books in one call of their own."""
+    query = '{ books(ids: ["1", "2", "3"]) { title author { name } } }'
+    async with gateway_client(shop) as client:
+        expected = await graphql(client, query)
+    await shop.reset_stats()
+    async with gateway_client(shop, transports={"catalog": WithoutIncluded(shop.transports["catalog"])}) as client:
+        body = await graphql(client, query)
+    assert body["data"] == expected["data"] and "errors" not in body
+    books, authors = sorted((await shop.calls())["catalog"], key=lambda c: c["start"])
+    assert (books["route"], authors["route"]) == ("/books", "/authors") and authors["start"] >= books["end"]
 
 
 def _fragment_bomb(levels: int, alias: bool) -> str:

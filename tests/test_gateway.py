@@ -34,12 +34,12 @@ def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 async def test_order_page_calls_each_service_once(gateway: httpx.AsyncClient, shop: Shop) -> None:
-    """The order page makes one call to each service, and one each for books, authors, stock."""
+    """The order page makes one call to each service: the catalog sends the books' authors with the books."""
     body = await graphql(gateway, ORDER_PAGE, id=ORDER_ID)
     assert "errors" not in body
     assert routes(await shop.calls()) == {
         "customers": ["/customers"],
-        "catalog": ["/authors", "/books"],
+        "catalog": ["/books"],
         "inventory": ["/stock"],
         "orders": ["/orders"],
         "payments": ["/payments"],
@@ -55,7 +55,7 @@ async def test_order_history_calls_each_service_once_per_level(gateway: httpx.As
     calls = await shop.calls()
     assert routes(calls) == {
         "customers": ["/customers"],
-        "catalog": ["/authors", "/books"],
+        "catalog": ["/books"],
         "inventory": [],
         "orders": ["/orders"],
         "payments": ["/payments"],
@@ -98,17 +98,16 @@ async def test_chunks_follow_the_limit_a_service_advertises(seeded_dir: Path, tm
 
 async def test_fan_out_reads_each_level_at_once(gateway: httpx.AsyncClient, shop: Shop) -> None:
     """The order page reads the order; then, at once, its payment and shipment (read only from an order the
-    caller may see: ARCHITECTURE.md, "Callers"), the customer, the books and their stock; then the authors."""
+    caller may see: ARCHITECTURE.md, "Callers"), the customer, the books with their authors, and their stock."""
     for service in shop.apps:
         await shop.faults(service, latencyMs=30)
     await graphql(gateway, ORDER_PAGE, id=ORDER_ID)
     calls = await shop.calls()
     by_route = {c["route"]: c for reqs in calls.values() for c in reqs}
-    assert sum(len(reqs) for reqs in calls.values()) == len(by_route) == 7
+    assert sum(len(reqs) for reqs in calls.values()) == len(by_route) == 6
     second = [by_route[r] for r in ("/payments", "/shipments", "/customers", "/books", "/stock")]
     assert all(overlap(a, b) for a, b in itertools.combinations(second, 2))
     assert all(c["start"] >= by_route["/orders"]["end"] for c in second)  # they need the order's data
-    assert by_route["/authors"]["start"] >= by_route["/books"]["end"]
 
 
 async def test_fields_equal_what_the_services_return(gateway: httpx.AsyncClient, shop: Shop) -> None:

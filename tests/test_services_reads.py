@@ -109,3 +109,16 @@ async def test_single_read_of_absent_id_is_404(service, error_of, name, path):
     client = await service(name)
     response = await client.get(path.rsplit("/", 1)[0] + f"/{ABSENT}")
     assert error_of(response) == (404, "NOT_FOUND")
+
+
+async def test_books_come_with_their_authors_when_asked(service, error_of):
+    """`/books?ids=…&include=author` carries each book's author under `included`, as `/authors` has it; a name it does not know is a 400."""
+    client = await service("catalog")
+    plain = (await client.get("/books", params={"ids": f"1,2,3,{ABSENT}"})).json()
+    assert "included" not in plain
+    body = (await client.get("/books", params={"ids": f"1,2,3,{ABSENT}", "include": "author"})).json()
+    assert body["data"] == plain["data"] and body["missing"] == [ABSENT]
+    author_ids = sorted({book["authorId"] for book in body["data"]})
+    authors = (await client.get("/authors", params={"ids": ",".join(map(str, author_ids))})).json()["data"]
+    assert sorted(body["included"]["author"], key=lambda a: a["id"]) == sorted(authors, key=lambda a: a["id"])
+    assert error_of(await client.get("/books", params={"ids": "1", "include": "publisher"})) == (400, "BAD_REQUEST")
