@@ -400,7 +400,7 @@ class EntityCache:
         fresh entry in L1 are looked up in L2 too: another instance may have fetched them
         since. An L2 entry older than the floor L1 holds is never taken: Redis missed that
         raise (it was away), and is told again."""
-        prefix = f"{self.namespace}:{FORMAT}:{entity}:"
+        prefix = self.key(entity, "")
         keys = [f"{prefix}{i}" for i in ids]
         entries, floors = await self.memory.get_many(keys, scope)
         now = self.clock()
@@ -448,7 +448,7 @@ class EntityCache:
         any is not (that read goes through `get_many`, which counts it). A warm query's
         reads take this way: no task, no coroutine per read (ARCHITECTURE.md, "Plan, then
         execute"). `service`: the one whose entries these are, for `fresh`."""
-        prefix = f"{self.namespace}:{FORMAT}:{entity}:"
+        prefix = self.key(entity, "")
         entries = self.memory.peek_many([f"{prefix}{i}" for i in ids], scope)
         now, ttl = self.clock(), policy.ttl
         trusted = self._trusted_after.get(service, float("-inf"))

@@ -268,16 +268,12 @@ class Reader:
             entries: dict[Any, Entry] = {}
             if isinstance(fetched, dict):
                 seq = self._seen(binding, fetched, cached)
-                by_seq = binding.feed_key is not None  # ordered by feed position (gateway/feed.py)
                 for k in need:
                     p = fetched.get(k)
                     if self._refused(binding, p) is not None:
                         continue  # another customer's: never cached in this caller's scope
-                    if isinstance(p, dict) and (by_seq or isinstance(p.get("version"), int)):
-                        entries[k] = Entry(p, seq if by_seq else p["version"], now, binding.service, seq=seq)
-                    elif p is None and binding.optional:
-                        # "There is none" is an answer too; version 0 yields to any announced change.
-                        entries[k] = Entry(None, seq if by_seq else 0, now, binding.service, seq=seq)
+                    if (entry := _entry(binding, p, seq, now)) is not None:
+                        entries[k] = entry
                 await cache.put_many(binding.entity, scope, entries, policy)
             else:
                 self._seen(binding, None, cached)
@@ -336,9 +332,9 @@ class Reader:
             scoped = None if bypass else self._scope(related)
             entries: dict[Any, Entry] = {}
             if scoped is not None and cache is not None:
-                now, by_seq = cache.clock(), related.feed_key is not None  # as `_chunk` writes them
-                entries = {key: Entry(p, seq if by_seq else p["version"], now, related.service, seq=seq)
-                           for key, p in payloads.items() if by_seq or isinstance(p.get("version"), int)}
+                now = cache.clock()
+                entries = {key: entry for key, p in payloads.items()
+                           if (entry := _entry(related, p, seq, now)) is not None}
                 taken = await cache.put_many(related.entity, scoped[1], entries, scoped[0])
                 payloads = {key: p for key, p in payloads.items() if key in taken}
             if included is not None and payloads:
@@ -430,6 +426,19 @@ class Reader:
 _POSITION = "_feedSeq"
 _INCLUDED = "_included"
 Include = Sequence[tuple[str, Binding]]  # (name, binding) of the related entities to send along
+
+
+def _entry(binding: Binding, payload: Any, seq: int, now: float) -> Entry | None:
+    """The cache entry of a payload read at feed position `seq`, or None when it has no
+    version to be guarded by. Entities several of which answer for one key over time (a
+    payment, by its order) are ordered by feed position instead (gateway/feed.py)."""
+    by_seq = binding.feed_key is not None
+    if isinstance(payload, dict) and (by_seq or isinstance(payload.get("version"), int)):
+        return Entry(payload, seq if by_seq else payload["version"], now, binding.service, seq=seq)
+    if payload is None and binding.optional:
+        # "There is none" is an answer too; version 0 yields to any announced change.
+        return Entry(None, seq if by_seq else 0, now, binding.service, seq=seq)
+    return None
 
 
 def _index(body: Any, binding: Binding, seq: int = 0, include: Include = ()) -> dict[Any, dict[str, Any]]:
