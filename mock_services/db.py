@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, eve
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["BigId", "Database", "EventKey", "now_iso", "add_outbox", "backend_of"]
+__all__ = ["BigId", "Database", "EventKey", "Position", "now_iso", "add_outbox", "backend_of", "tracking"]
 
 # Ids a path accepts go up to 10**18 - 1 (params.parse_id): 64-bit on PostgreSQL; SQLite's
 # INTEGER is already 64-bit, and must stay INTEGER for its rowid and AUTOINCREMENT.
@@ -81,8 +82,12 @@ class Database:
         self.event_keys = {k.entity: k for k in event_keys}
         self.metadata = metadata
         self.outbox: Table = metadata.tables["outbox"]
-        self.engine: AsyncEngine = create_async_engine(url)
         self.backend = backend_of(url)
+        # SQLite: a connection past the pool's size (5 by default) is closed when returned, and
+        # opening one costs a thread, a file open and the PRAGMAs below. Under ten concurrent
+        # requests that churn was a tenth of a service's CPU; idle SQLite connections cost little.
+        pool = {"pool_size": 32, "max_overflow": 8} if self.backend == "sqlite" else {}
+        self.engine: AsyncEngine = create_async_engine(url, **pool)
         if self.backend == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_connect)
             event.listen(self.engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
@@ -121,12 +126,17 @@ class Database:
     async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             yield conn
+            position = _POSITION.get()
+            if position is not None:  # in its own transaction, after its rows (mock_services/position.py)
+                position.read = max(position.read, await self._head(conn))
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         async with self._write_lock:
             async with self.engine.begin() as conn:
                 yield conn
+        if (position := _POSITION.get()) is not None:
+            position.wrote = True
         self._notify()
 
     async def emit(self, conn: AsyncConnection, entity: str, action: str, entity_id: int, version: int, at: str) -> None:
@@ -193,6 +203,33 @@ class Database:
     async def head(self) -> int:
         """The highest seq written: read after a request's own queries, an upper bound of
         every change they saw (a change and its event commit together)."""
+        async with self.engine.connect() as conn:
+            return await self._head(conn)
+
+    async def _head(self, conn: AsyncConnection) -> int:
         o = self.outbox
-        async with self.read() as conn:
-            return int((await conn.execute(select(func.coalesce(func.max(o.c.seq), 0)))).scalar_one())
+        return int((await conn.execute(select(func.coalesce(func.max(o.c.seq), 0)))).scalar_one())
+
+
+@dataclass
+class Position:
+    """The feed position a request's reads saw, each read in the read's own transaction
+    after its rows: the highest is an upper bound of every change the answer reflects. A
+    request that wrote reads it again at the end (`wrote`)."""
+
+    read: int = -1
+    wrote: bool = False
+
+
+_POSITION: contextvars.ContextVar[Position | None] = contextvars.ContextVar("feed_position", default=None)
+
+
+@contextlib.contextmanager
+def tracking() -> Iterator[Position]:
+    """Within this block, the service's reads note the feed position they saw."""
+    position = Position()
+    token = _POSITION.set(position)
+    try:
+        yield position
+    finally:
+        _POSITION.reset(token)

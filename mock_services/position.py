@@ -1,6 +1,7 @@
 """The feed position of an answer: every response of a service's own routes says, in
 `X-Feed-Seq`, the highest change-feed seq written when it was sent (README, "The change
-feed"). It is read after the request's own queries, and a change commits with its event,
+feed"). Each read reads it in its own transaction, after its rows (`tracking` in db.py;
+a request that wrote, or read nothing, reads it as it answers), and a change commits with its event,
 so every change the answer reflects has a seq at or below it: a reader (the gateway's
 consistency token) knows which feed position the data it got is as new as. After a write,
 it is at least the seq of the write's own event."""
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .db import tracking
 
 __all__ = ["FeedPosition", "POSITION_HEADER"]
 
@@ -30,7 +33,8 @@ class FeedPosition:
         async def positioned(message: Message) -> None:
             if message["type"] == "http.response.start":
                 try:
-                    seq = await scope["app"].state.ctx.db.head()
+                    # A read saw it in its own transaction; after a write, or with no read, ask now.
+                    seq = position.read if position.read >= 0 and not position.wrote else await scope["app"].state.ctx.db.head()
                 except Exception:  # the answer is sent anyway, without a position
                     log.warning("could not read the feed position", exc_info=True)
                 else:
@@ -38,4 +42,5 @@ class FeedPosition:
                                                       (b"x-feed-seq", str(seq).encode())]}
             await send(message)
 
-        await self.app(scope, receive, positioned)
+        with tracking() as position:
+            await self.app(scope, receive, positioned)
