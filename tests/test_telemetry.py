@@ -277,6 +277,9 @@ async def test_metrics_expose_the_series_and_they_move_after_a_query(traced: htt
     assert moved("bookvault_upstream_latency_seconds_count", service="catalog", route="/books") == 1
     assert moved("bookvault_upstream_latency_seconds_count", service="orders", route="/orders") == 1  # the page
     assert moved("bookvault_upstream_batch_size_sum", service="payments", route="/payments") == 20
+    # Buckets count up to and including their bound (`le`): the batch of 20 is in "20", not in "10".
+    assert moved("bookvault_upstream_batch_size_bucket", service="payments", route="/payments", le="20.0") == 1
+    assert moved("bookvault_upstream_batch_size_bucket", service="payments", route="/payments", le="10.0") == 0
     books = {item["book"]["title"] for n in body["data"]["customer"]["orders"]["nodes"] for item in n["items"]}
     assert moved("bookvault_upstream_batch_size_sum", service="catalog", route="/books") >= len(books)
 
