@@ -1,7 +1,7 @@
 """The feed position of an answer: every response of a service's own routes says, in
-`X-Feed-Seq`, the highest change-feed seq written when it was sent (README, "The change
-feed"). Each read reads it in its own transaction, after its rows (`tracking` in db.py;
-a request that wrote, or read nothing, reads it as it answers), and a change commits with its event,
+`X-Feed-Seq`, the highest change-feed seq its reads saw (README, "The change feed"): each
+read reads it in its own transaction, after its rows (`tracking` in db.py; a request that
+wrote, or read nothing, reads it as it answers). A change commits with its event,
 so every change the answer reflects has a seq at or below it: a reader (the gateway's
 consistency token) knows which feed position the data it got is as new as. After a write,
 it is at least the seq of the write's own event."""
