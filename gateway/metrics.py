@@ -80,10 +80,9 @@ class _Plain:
                 family.add_metric(values, child.total)
         else:
             family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
             for values, child in self._children.items():
-                cumulative = list(itertools.accumulate(child.counts))
-                bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
-                family.add_metric(values, list(zip(bounds, cumulative)), child.total)
+                family.add_metric(values, list(zip(bounds, itertools.accumulate(child.counts))), child.total)
         yield family
 
 
