@@ -145,7 +145,8 @@ def create_app(
         db = Database(url, spec.metadata, spec.event_keys)
         await db.create(_seeder(spec, scale))
         if tracer:  # after seeding: a first start's inserts belong to no request
-            trace_queries(db.engine.sync_engine, tracer, spec.name)
+            for engine in db.sync_engines:
+                trace_queries(engine, tracer, spec.name)
         app.state.ctx = Context(spec.name, db, max_batch, dict(options or {}))
         try:
             async with spec.background(app) if spec.background else contextlib.nullcontext():

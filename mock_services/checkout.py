@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from . import models
 from .api import Api, path_param
 from .context import Context, context
-from .db import BigId, Database, now_iso
+from .db import BigId, Database, Reads, now_iso
 from .errors import Conflict, NotFound, Unavailable, Unprocessable
 from .idempotency import fingerprint, idempotency_key
 from .params import cents, money, parse_id, read_body
@@ -361,7 +361,7 @@ async def _priced(sagas: Sagas, body: models.CheckoutCreate) -> tuple[list[dict[
     return items, sum(cents(i["unitPrice"]["amount"]) * i["quantity"] for i in items), currencies.pop()
 
 
-async def _existing(sagas: Sagas, conn: AsyncConnection, key: str, stamp: str) -> Any:
+async def _existing(sagas: Sagas, conn: Reads, key: str, stamp: str) -> Any:
     t = sagas.table
     row = (await conn.execute(select(t).where(t.c.idempotency_key == key))).first()
     if row is not None and row.fingerprint != stamp:

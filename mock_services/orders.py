@@ -7,7 +7,7 @@ time (denormalised on write), because the catalog's current price is not what wa
 import base64
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, func, insert, select
+from sqlalchemy import JSON, Column, Index, Integer, MetaData, Select, String, bindparam, func, insert, select
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -122,18 +122,27 @@ async def _page(request: Request, customer: int, limit: int) -> Response:
     return JSONResponse(_page_json(rows, limit, total))
 
 
-async def _first_pages(request: Request, customers: list[int], limit: int) -> Response:
+def _first_pages_query() -> Select[Any]:
     """Each customer's first page in ONE statement, however many customers: window functions
-    number each customer's orders newest first and count them, and only the first limit + 1
-    of each come back (plain SQL:2003 windows, so SQLite >= 3.25 and PostgreSQL alike)."""
+    number each customer's orders newest first and count them, and only the first `last`
+    of each come back (plain SQL:2003 windows, so SQLite >= 3.25 and PostgreSQL alike).
+    Built once, like resource.rows_by."""
     ranked = select(
         orders,
         func.row_number().over(partition_by=orders.c.customer_id, order_by=orders.c.id.desc()).label("page_position"),
         func.count().over(partition_by=orders.c.customer_id).label("page_total"),
-    ).where(orders.c.customer_id.in_(customers)).subquery()
-    query = select(ranked).where(ranked.c.page_position <= limit + 1).order_by(ranked.c.id.desc())
+    ).where(orders.c.customer_id.in_(bindparam("customers", expanding=True))).subquery()
+    return select(ranked).where(ranked.c.page_position <= bindparam("last")).order_by(ranked.c.id.desc())
+
+
+_FIRST_PAGES = _first_pages_query()
+
+
+async def _first_pages(request: Request, customers: list[int], limit: int) -> Response:
+    """Many customers' first pages (`_first_pages_query`): limit + 1 orders each, the extra
+    one saying a next page exists."""
     async with context(request).db.read() as conn:
-        rows = (await conn.execute(query)).all()
+        rows = (await conn.execute(_FIRST_PAGES, {"customers": customers, "last": limit + 1})).all()
     by_customer: dict[int, list[Any]] = {customer: [] for customer in customers}
     for row in rows:
         by_customer[row.customer_id].append(row)

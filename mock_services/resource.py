@@ -3,12 +3,13 @@ single GET with ETag, batch GET with ``{"data", "missing"}``, versioned PATCH.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Column, Integer, MetaData, Row, String, Table, select, update
+from sqlalchemy import Column, Integer, MetaData, Row, Select, String, Table, bindparam, select, update
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -18,7 +19,8 @@ from .db import now_iso
 from .errors import BadRequest, NotFound
 from .params import parse_id, parse_ids, read_body
 
-__all__ = ["Entity", "Include", "add_one", "add_reads", "add_patch", "batch_query", "batch_response", "changes", "etag_of", "versioned_table"]
+__all__ = ["Entity", "Include", "add_one", "add_reads", "add_patch", "batch_query", "batch_response", "changes", "etag_of",
+           "rows_by", "versioned_table"]
 
 Guard = Callable[[Row[Any], Any], None]
 
@@ -70,16 +72,24 @@ class Include:
     column: str
 
 
+@functools.cache
+def rows_by(table: Table, column: str) -> Select[Any]:
+    """`table`'s rows whose `column` is one of the `keys` parameter's (an expanding IN). Built
+    once per table and column: a read then pays neither the statement's construction nor its
+    cache key, which SQLAlchemy memoizes on the statement object (about a sixth of a batch
+    read's CPU when built per request)."""
+    return select(table).where(table.c[column].in_(bindparam("keys", expanding=True)))
+
+
 async def batch_response(request: Request, entity: Entity, column: str, ids: list[int],
                          include: dict[str, Include] | None = None) -> JSONResponse:
-    t = entity.table
     included: dict[str, list[dict[str, Any]]] = {}
     async with context(request).db.read() as conn:
-        rows = (await conn.execute(select(t).where(t.c[column].in_(ids)))).all()
+        rows = (await conn.execute(rows_by(entity.table, column), {"keys": ids})).all()
         for name, related in (include or {}).items():
             keys = sorted({getattr(r, related.column) for r in rows})
-            other = related.entity.table
-            found_rows = (await conn.execute(select(other).where(other.c[related.entity.key].in_(keys)))).all() if keys else []
+            found_rows = (await conn.execute(rows_by(related.entity.table, related.entity.key), {"keys": keys})).all() \
+                if keys else []
             included[name] = [related.entity.to_json(r) for r in found_rows]
     found = {getattr(r, column) for r in rows}
     body: dict[str, Any] = {"data": [entity.to_json(r) for r in rows], "missing": [i for i in ids if i not in found]}

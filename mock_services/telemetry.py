@@ -75,7 +75,8 @@ class ServerSpans:
 
 def trace_queries(engine: Engine, tracer: trace.Tracer, database: str) -> None:
     """A CLIENT span per statement, under the current span: SQLAlchemy's async engine runs
-    these hooks in a greenlet that shares the awaiting task's context variables."""
+    these hooks in a greenlet that shares the awaiting task's context variables, and SQLite's
+    inline reads (mock_services/db.py) on the awaiting task itself."""
 
     def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
         if not trace.get_current_span().get_span_context().is_valid:
