@@ -32,13 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from gateway.auth import mint
 from gateway.config import DEFAULT_PORTS
+from gateway.http1 import Client, ConnectionFailed, ProtocolViolation
 from mock_services.runner import Child, _stop_all, _wait_ready, service_children
 
 __all__ = ["Stack", "free_ports", "set_faults", "clear_stats", "fetch_stats", "peak_rss_kib", "cpu_seconds", "REPO",
-           "EXCLUDED_ROUTES", "Tally", "post_graphql", "percentile", "summary", "upstream_calls", "calls_per_query",
+           "EXCLUDED_ROUTES", "LoadClient", "Tally", "post_graphql", "percentile", "summary", "upstream_calls", "calls_per_query",
            "ttl_env"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,13 +258,21 @@ class Tally:
     def total(self) -> int:
         return self.ok + sum(self.failures.values())
 
+    def count(self, started: float, problem: str | None) -> None:
+        """One request, sent at `started` (perf_counter), answered now; `problem`: why it failed."""
+        self.latencies_ms.append((time.perf_counter() - started) * 1000)
+        if problem is None:
+            self.ok += 1
+        else:
+            self.failures[problem] += 1
 
-def _failure(response: httpx.Response, root: str) -> str | None:
+
+def _failure(status: int, content: bytes, root: str) -> str | None:
     """None when the response is a clean answer; else why not (short, for counting)."""
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}"
+    if status != 200:
+        return f"HTTP {status}"
     try:
-        body = response.json()
+        body = orjson.loads(content)
     except ValueError:
         return "body is not JSON"
     if not isinstance(body, dict):
@@ -284,14 +294,38 @@ async def post_graphql(client: httpx.AsyncClient, url: str, payload: dict[str, A
     started = time.perf_counter()
     try:
         response = await client.post(url, json=payload, headers=STAFF if headers is None else headers)
-        problem = _failure(response, root)
+        problem = _failure(response.status_code, response.content, root)
     except httpx.HTTPError as exc:
         problem = f"{type(exc).__name__}"
-    tally.latencies_ms.append((time.perf_counter() - started) * 1000)
-    if problem is None:
-        tally.ok += 1
-    else:
-        tally.failures[problem] += 1
+    tally.count(started, problem)
+
+
+class LoadClient:
+    """A load generator's keep-alive connections to one gateway, over the gateway's own HTTP/1.1
+    client (gateway/http1.py): about a sixth of httpx's CPU per request (bench/upstream_bench.py).
+    The bench client shares the machine's cores with the gateways and services it measures,
+    so the less it takes, the less it bounds what they can serve (as wrk would, in Python)."""
+
+    def __init__(self, url: str, connections: int, timeout: float) -> None:
+        self._client = Client(url, limit=connections, cap=64 << 20, connect_timeout=timeout)
+        self._timeout = timeout
+
+    async def post_graphql(self, body: bytes, headers: Mapping[str, str], root: str, tally: Tally) -> None:
+        """POST one request (`body`: its JSON, encoded once by the caller) to /graphql; like
+        `post_graphql`, its latency and outcome go to `tally`."""
+        started = time.perf_counter()
+        try:
+            reply = await self._client.request("POST", "/graphql", headers, body, self._timeout)
+            problem = _failure(reply.status, reply.body, root)
+        except (ConnectionFailed, ProtocolViolation, TimeoutError) as exc:
+            problem = f"{type(exc).__name__}"
+        tally.count(started, problem)
+
+    async def __aenter__(self) -> LoadClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
 
 
 def percentile(values: list[float], p: float) -> float | None:

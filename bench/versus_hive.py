@@ -15,8 +15,9 @@ requests); composes a supergraph from the services' /openapi.json with mesh-comp
 2. The race, per query (order page, one customer's order history) and per request mix
    ("one": the same request every time; "many": a different order / customer per
    request, cycling over --ids of them): rounds of --duration seconds, interleaved
-   BookVault off, Hive, BookVault warm, BookVault off, Hive ..., --concurrency connections from one
-   asyncio + httpx client. Hive has no entity cache: its figures serve both BookVault rows.
+   BookVault off, Hive, BookVault warm, BookVault off, Hive ..., --concurrency keep-alive
+   connections from one asyncio client, the gateway's own HTTP/1.1 client (LoadClient in
+   bench/_harness.py: light, as the client shares the cores). Hive has no entity cache: its figures serve both BookVault rows.
 
 Per gateway and case: upstream calls per request (the services' /_admin/stats, but /events
 and /healthz), requests per second, p50/p99 latency, gateway CPU ms per request (/proc CPU
@@ -48,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
-from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, bearer, clear_stats, cpu_seconds, free_ports, peak_rss_kib,
+from _harness import (EXCLUDED_ROUTES, REPO, LoadClient, Stack, Tally, bearer, clear_stats, cpu_seconds, free_ports, peak_rss_kib,
                       percentile, post_graphql, set_faults, ttl_env, upstream_calls)
 from _hive import HiveGateway, compose_supergraph, ensure_installed, installed_versions
 from mock_services.demo_data import shop
@@ -223,16 +225,17 @@ class Runs:
 
 async def load(url: str, payloads: list[tuple[dict[str, Any], dict[str, str]]], root: str, duration: float,
                concurrency: int, tally: Tally) -> None:
-    """`concurrency` connections, each sending its next request as soon as the last is answered."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT, limits=limits) as client:
+    """`concurrency` connections, each sending its next request as soon as the last is answered
+    (bench/_harness.py's LoadClient: light, so the client bounds neither gateway)."""
+    requests = [(orjson.dumps(payload), {"content-type": "application/json", **headers}) for payload, headers in payloads]
+    async with LoadClient(url, concurrency, CLIENT_TIMEOUT) as client:
         deadline = time.perf_counter() + duration
 
         async def worker(k: int) -> None:
             i = k
             while time.perf_counter() < deadline:
-                payload, headers = payloads[i % len(payloads)]
-                await post_graphql(client, f"{url}/graphql", payload, root, tally, headers)
+                body, headers = requests[i % len(requests)]
+                await client.post_graphql(body, headers, root, tally)
                 i += concurrency
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
