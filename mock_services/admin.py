@@ -15,11 +15,12 @@ from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .params import read_body
+from .responses import JSONResponse
 
 __all__ = ["Faults", "AdminState", "AdminMiddleware", "admin_routes"]
 

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from .admin import AdminMiddleware, AdminState, admin_routes
 from .api import Api, query_param
@@ -28,6 +27,7 @@ from .errors import BadRequest, exception_handlers
 from .models import EventPage, Meta
 from .params import parse_int
 from .position import FeedPosition
+from .responses import JSONResponse
 from .telemetry import ServerSpans, trace_queries, tracer_provider_from_env
 
 __all__ = ["ServiceSpec", "create_app", "database_url"]

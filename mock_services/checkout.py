@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from . import models
 from .api import Api, path_param
@@ -36,6 +36,7 @@ from .db import BigId, Database, Reads, now_iso
 from .errors import Conflict, NotFound, Unavailable, Unprocessable
 from .idempotency import fingerprint, idempotency_key
 from .params import cents, money, parse_id, read_body
+from .responses import JSONResponse
 from .upstreams import Unreachable, Upstreams
 
 __all__ = ["add_saga_table", "routes", "sagas_running", "cancel_order"]

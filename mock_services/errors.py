@@ -6,7 +6,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+
+from .responses import JSONResponse
 
 __all__ = ["ApiError", "BadRequest", "Conflict", "NotFound", "Unprocessable", "Unavailable", "error_body",
            "error_response", "exception_handlers"]

@@ -16,11 +16,11 @@ from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, insert, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from .context import context
 from .db import now_iso
 from .errors import BadRequest, Conflict, Unprocessable, error_body
+from .responses import JSONResponse
 
 __all__ = ["Outcome", "add_idempotency_keys", "fingerprint", "idempotency_key", "idempotent", "IDEMPOTENCY_HEADER"]
 

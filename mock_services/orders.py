@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Index, Integer, MetaData, Select, String, bindparam, func, insert, select
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from . import checkout, models
 from .api import IDS_PATTERN, Api, batch_of, query_param, ref
@@ -20,6 +20,7 @@ from .demo_data import Shop
 from .errors import BadRequest, Conflict
 from .params import cents, money, parse_id, parse_ids, parse_int, read_body
 from .resource import Entity, add_one, add_patch, batch_query, batch_response, changes, etag_of, versioned_table
+from .responses import JSONResponse
 
 metadata = MetaData()
 add_outbox(metadata)

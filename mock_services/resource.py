@@ -11,13 +11,14 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, Row, Select, String, Table, bindparam, select, update
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from .api import IDS_PATTERN, Api, batch_of, path_param, query_param, ref
 from .context import context
 from .db import now_iso
 from .errors import BadRequest, NotFound
 from .params import parse_id, parse_ids, read_body
+from .responses import JSONResponse
 
 __all__ = ["Entity", "Include", "add_one", "add_reads", "add_patch", "batch_query", "batch_response", "changes", "etag_of",
            "rows_by", "versioned_table"]
