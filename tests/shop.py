@@ -25,6 +25,7 @@ from bookvault import create_app
 from gateway import Settings
 from gateway.auth import mint
 from gateway.config import JwtConfig, ResilienceConfig, ServiceConfig
+from gateway.serve import CoalescingHttp
 from mock_services import SERVICES
 from mock_services import create_app as create_service
 
@@ -202,7 +203,9 @@ async def on_a_real_port(app: Any, lifespan: str = "off", send_buffer: int | Non
     if send_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning", timeout_graceful_shutdown=1))
+    # The gateway's own HTTP protocol (gateway/serve.py), as `bookvault gateway` serves it.
+    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning", timeout_graceful_shutdown=1,
+                                           http=CoalescingHttp))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(5):
