@@ -107,14 +107,21 @@ class MemoryLevel:
         slots: list[Slot | None] = await self._cache._multi_get(keys)
         return [_visible(slot, scope) for slot in slots], [slot.floor if slot else 0 for slot in slots]
 
-    def peek_many(self, keys: list[str], scope: str) -> list[Entry | None]:
-        """`get_many`'s entries without its floors, synchronously: the backend's own dict
-        (what ``_multi_get`` reads), so a warm read needs no await."""
+    def peek_fresh(self, prefix: str, ids: list[Any], scope: str, since: float, trusted: float) -> list[Entry] | None:
+        """The visible entry of each id's key (`prefix` + id), when every one was fetched after
+        `since` and at or after `trusted`; None at the first that was not. Synchronous: the
+        backend's own dict (what ``_multi_get`` reads), so a warm read needs no await. One
+        loop, `_visible` and `EntityCache.fresh` inline: this runs for every entity of a warm
+        query."""
         stored, out = self._cache._cache, []
-        for key in keys:  # `_visible`, inline: this runs for every entity of a warm query
-            slot = stored.get(key)
-            entry = slot.entries.get(scope) if slot is not None else None
-            out.append(entry if entry is not None and entry.version >= slot.floor else None)
+        for i in ids:
+            slot = stored.get(f"{prefix}{i}")
+            if slot is None:
+                return None
+            entry = slot.entries.get(scope)
+            if entry is None or entry.version < slot.floor or entry.fetched_at <= since or entry.fetched_at < trusted:
+                return None
+            out.append(entry)
         return out
 
     async def put(self, key: str, scope: str, entry: Entry, ttl: float) -> bool:
@@ -448,15 +455,11 @@ class EntityCache:
         any is not (that read goes through `get_many`, which counts it). A warm query's
         reads take this way: no task, no coroutine per read (ARCHITECTURE.md, "Plan, then
         execute"). `service`: the one whose entries these are, for `fresh`."""
-        prefix = self.key(entity, "")
-        entries = self.memory.peek_many([f"{prefix}{i}" for i in ids], scope)
-        now, ttl = self.clock(), policy.ttl
-        trusted = self._trusted_after.get(service, float("-inf"))
-        for entry in entries:  # `fresh`, inline
-            if entry is None or not (now - entry.fetched_at < ttl and entry.fetched_at >= trusted):
-                return None
-        record_cache(entity, "l1", "hit", len(entries))
-        return entries  # type: ignore[return-value]
+        entries = self.memory.peek_fresh(self.key(entity, ""), ids, scope, self.clock() - policy.ttl,
+                                         self._trusted_after.get(service, float("-inf")))
+        if entries is not None:
+            record_cache(entity, "l1", "hit", len(entries))
+        return entries
 
     def _count(self, entity: str, level: str, policy: CachePolicy, entries: list[Entry], asked: int) -> None:
         """Lookups by result: `hit` (fresh), `expired` (found, past its TTL: revalidated), `miss`."""

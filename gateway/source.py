@@ -184,7 +184,8 @@ class Reader:
         observe_batches(service, binding.path, (min(size, len(unique) - i) for i in range(0, len(unique), size)))
         seq, owned = 0, binding.owner is not None
         for key, entry in zip(unique, entries):
-            seq = max(seq, entry.seq)
+            if entry.seq > seq:
+                seq = entry.seq
             parsed = entry.parsed  # `_cached`, inline for what was parsed before and has no owner to check
             out[key] = parsed if parsed is not None and not owned else self._cached(binding, key, entry)
         if session is not None:
