@@ -450,14 +450,14 @@ class EntityCache:
         return found, fresh
 
     def peek_many(self, entity: str, scope: str, ids: list[Any], policy: CachePolicy,
-                  service: str) -> list[Entry] | None:
+                  service: str, count: bool = True) -> list[Entry] | None:
         """Each id's entry when every one is fresh in L1, read without an await; None when
         any is not (that read goes through `get_many`, which counts it). A warm query's
         reads take this way: no task, no coroutine per read (ARCHITECTURE.md, "Plan, then
         execute"). `service`: the one whose entries these are, for `fresh`."""
         entries = self.memory.peek_fresh(self.key(entity, ""), ids, scope, self.clock() - policy.ttl,
                                          self._trusted_after.get(service, float("-inf")))
-        if entries is not None:
+        if entries is not None and count:  # `count`: False to look without counting the lookups
             record_cache(entity, "l1", "hit", len(entries))
         return entries
 

@@ -49,11 +49,21 @@ async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fe
     without incremental delivery). `fetched`: entities already read, not read again (a live
     update's shared read, gateway/hub.py)."""
     assert not plan.incremental
+    memos = reader.source.memos if fetched is None else None  # a live update's shared read: not kept
+    key = memos.key(plan, reader, variables) if memos is not None else None
+    if key is not None:
+        if (known := memos.recall(plan, key, reader)) is not None:  # type: ignore[union-attr]
+            return known.data, [], []
+        reader.peeked = []
     run = _Run(variables, reader.caller)
     if fetched is not None:
         run.fetched = fetched
-    await run.fetch(plan, reader)
+    warm = await run.fetch(plan, reader)
     data = run.shape_root(plan.root)
+    if key is not None:
+        if warm and not run.errors and not run.stale:
+            memos.remember(plan, key, data, reader.peeked)  # type: ignore[union-attr,arg-type]
+        reader.peeked = None
     return data, run.errors, run.stale
 
 
@@ -170,10 +180,12 @@ class _Run:
 
     # -- reading, level by level -------------------------------------------------------
 
-    async def fetch(self, plan: Plan, reader: Reader) -> None:
+    async def fetch(self, plan: Plan, reader: Reader) -> bool:
+        """Reads what the plan needs; True when every group was read warm (`_peek`)."""
         pending = [task for task in self.start(plan, reader, peek=True) if task is not None]
         if pending:
             await asyncio.gather(*pending)
+        return not pending
 
     def start(self, plan: Plan, reader: Reader, peek: bool = False) -> list[asyncio.Future[None] | None]:
         """One task per group, each waiting for the groups its keys come from. With `peek`,

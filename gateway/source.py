@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from .cache import CachePolicy, EntityCache, Entry
 from .errors import Forbidden, GatewayError, NotFound, Unauthenticated, UpstreamBadResponse, UpstreamError
 from .flights import SingleFlight
-from .metrics import record_stale
+from .memo import Memos
+from .metrics import record_cache, record_stale
 from .resilience import Deadline
 from .telemetry import annotate, batch_span, failed, observe_batches, recording
 from .upstream import Upstream
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from .auth import Caller
     from .consistency import Session
 
-__all__ = ["Binding", "EntitySource", "Reader", "Stale", "contract"]
+__all__ = ["Binding", "EntitySource", "Peeked", "Reader", "Stale", "contract"]
 
 
 _BREACHES = (KeyError, TypeError, ValueError, AttributeError)
@@ -119,6 +120,8 @@ class EntitySource:
         self.cache = cache
         self.policies = dict(policies or {})
         self.flights = flights
+        # Answers made wholly of fresh entries in memory, given again while those last.
+        self.memos = Memos() if cache is not None else None
 
     def reader(self, caller: Caller | None = None, deadline: Deadline | None = None,
                session: Session | None = None) -> Reader:
@@ -140,6 +143,7 @@ class Reader:
         self.deadline = deadline
         self.session = session  # the request's consistency token (gateway/consistency.py)
         self.traced = recording()  # the operation's batch calls get spans: `read` makes them
+        self.peeked: list[Peeked] | None = None  # a list: `peek` notes each warm read in it
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "", include: Include = (),
                    included: dict[int, dict[Any, Any]] | None = None) -> dict[Any, Any]:
@@ -181,7 +185,8 @@ class Reader:
         if entries is None:
             return None
         size = self.source.upstream.max_batch(service)
-        observe_batches(service, binding.path, (min(size, len(unique) - i) for i in range(0, len(unique), size)))
+        sizes = tuple(min(size, len(unique) - i) for i in range(0, len(unique), size))
+        observe_batches(service, binding.path, sizes)
         seq, owned = 0, binding.owner is not None
         for key, entry in zip(unique, entries):
             if entry.seq > seq:
@@ -190,7 +195,32 @@ class Reader:
             out[key] = parsed if parsed is not None and not owned else self._cached(binding, key, entry)
         if session is not None:
             session.saw(service, seq)
+        if self.peeked is not None:
+            self.peeked.append(Peeked(binding, scope, policy, unique, entries, sizes, seq))
         return out
+
+    def again(self, reads: Sequence[Peeked]) -> bool:
+        """Whether each of `reads` (warm reads an earlier request made) would find the very
+        same entries in memory now, all still fresh; if so, they count as read again (cache
+        hits, batch sizes, the consistency token's positions), as `peek` counts them. A
+        remembered answer made of them is then the answer `peek` and shaping would give
+        (gateway/memo.py)."""
+        cache, session = self.source.cache, self.session
+        if cache is None or self.traced:
+            return False
+        for r in reads:
+            service = r.binding.service
+            if session is not None and not session.ready(service):
+                return False
+            found = cache.peek_many(r.binding.entity, r.scope, r.keys, r.policy, service, count=False)
+            if found is None or any(now is not then for now, then in zip(found, r.entries)):
+                return False
+        for r in reads:
+            record_cache(r.binding.entity, "l1", "hit", len(r.entries))
+            observe_batches(r.binding.service, r.binding.path, r.sizes)
+            if session is not None:
+                session.saw(r.binding.service, r.seq)
+        return True
 
     def _unasked(self, binding: Binding, keys: list[Any]) -> tuple[dict[Any, Any], list[Any]]:
         """The keys refused without asking (ownership known from the key, a customer's id,
@@ -440,6 +470,19 @@ def _entry(binding: Binding, payload: Any, seq: int, now: float) -> Entry | None
         # "There is none" is an answer too; version 0 yields to any announced change.
         return Entry(None, seq if by_seq else 0, now, binding.service, seq=seq)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Peeked:
+    """One warm read as `Reader.peek` made it: what `Reader.again` checks and counts again."""
+
+    binding: Binding
+    scope: str
+    policy: CachePolicy
+    keys: list[Any]
+    entries: list[Entry]
+    sizes: tuple[int, ...]  # its batches, as it would have called the service
+    seq: int  # the highest feed position among its entries
 
 
 def _index(body: Any, binding: Binding, seq: int = 0, include: Include = ()) -> dict[Any, dict[str, Any]]:
