@@ -16,6 +16,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -67,6 +68,8 @@ class MemoryReader(Reader):
     def __init__(self, data: dict[str, dict[Any, dict[str, Any]]]) -> None:
         self.data = data
         self.caller = None  # staff-like: the bench reads every customer's data
+        # No kept answers (gateway/memo.py): each query is shaped, which is what is measured.
+        self.source = SimpleNamespace(memos=None)
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "") -> dict[Any, Any]:
         return self.peek(binding, keys, query)
