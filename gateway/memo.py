@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from graphql.execution.values import VariableValues
 
 if TYPE_CHECKING:
+    from graphql.execution.values import VariableValues
+
     from .plan import Plan
     from .source import Peeked, Reader
 
