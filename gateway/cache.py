@@ -235,13 +235,17 @@ end
 if #raised > 0 and ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], cjson.encode({o = ARGV[2], r = raised})) end
 return #raised
 """
-# KEYS[1]: slot. Drops every scope's entry, keeps the floor.
+# KEYS: slots. Drops every scope's entry and keeps the floor: whatever was missed, a floor
+# only holds back versions older than one already announced, so it stays true. Dropping it
+# would let a read that was in flight write an older version back over the change.
 _EVICT = """
-local all = redis.call('HKEYS', KEYS[1])
-for i = 1, #all do
-  if all[i] ~= '_floor' then redis.call('HDEL', KEYS[1], all[i]) end
+for _, key in ipairs(KEYS) do
+  local all = redis.call('HKEYS', key)
+  for i = 1, #all do
+    if all[i] ~= '_floor' then redis.call('HDEL', key, all[i]) end
+  end
 end
-return 1
+return #KEYS
 """
 # KEYS[1]: a feed cursor; ARGV[1]: seq. Cursors only move forward.
 _ADVANCE = """
@@ -340,11 +344,12 @@ class RedisLevel:
         await self._call("eval", _EVICT, 1, key)
 
     async def drop_prefix(self, prefix: str) -> None:
+        """Evict every slot under `prefix`: their entries go, their floors stay."""
         cursor: Any = 0
         while True:
             cursor, keys = await self._call("scan", cursor, f"{prefix}*", 500)
             if keys:
-                await self._call("unlink", *keys)
+                await self._call("eval", _EVICT, len(keys), *keys)
             if int(cursor) == 0:
                 return
 
@@ -586,7 +591,8 @@ class EntityCache:
         self._trusted_after[service] = self.clock()
 
     async def drop(self, service: str, entities: Iterable[str]) -> None:
-        """Forget a service's entries (a gap in its feed: changes were missed)."""
+        """Forget a service's entries (a gap in its feed: changes were missed); Redis keeps
+        their floors (`_EVICT`)."""
         self.distrust(service)
         for entity in entities:
             self._epochs[entity] = self.epoch(entity) + 1

@@ -12,12 +12,13 @@ import random
 import signal
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
 
-from gateway.cache import FORMAT
+from gateway.cache import FORMAT, CachePolicy, Entry, EntityCache, MemoryLevel, RedisLevel
 from gateway.config import ResilienceConfig
 from gateway.consistency import TOKEN_COOKIE, TOKEN_HEADER
 from shop import Shop, SlowFeed, as_customer, own_redis, running_gateway
@@ -237,6 +238,23 @@ async def test_after_a_redis_pause_no_instance_serves_a_version_older_than_its_f
         async with running_gateway(shop, redis_url=url, cache_namespace=namespace) as (c, _):
             for book in books:
                 assert (await read_book(c, book))[0] == announced[book]
+
+
+async def test_a_feed_gap_drops_the_entries_in_redis_but_keeps_their_floors() -> None:
+    """After a gap drops the books, Redis still refuses a book older than the version announced
+    before it: a read in flight cannot write the old version back for other instances."""
+    with own_redis() as (url, _):
+        redis = RedisLevel(url, timeout=2.0)
+        cache = EntityCache(MemoryLevel(100), redis)
+        key, keep = cache.key("book", 7), 3600.0
+        await cache.put_many("book", "", {7: Entry({"id": 7}, 2, time.time(), "catalog")}, CachePolicy(30.0, keep))
+        await cache.invalidate("book", 7, 3, keep)
+        await cache.drop("catalog", ["book"])
+        late = Entry({"id": 7}, 2, time.time(), "catalog")
+        assert await redis.put_many({key: late}, "", keep) == 0
+        assert await redis.put_many({key: replace(late, version=3)}, "", keep) == 1
+        assert [e.version if e else None for e in await redis.get_many([key], "")] == [3]
+        await redis.close()
 
 
 async def repaired(cache: Any) -> None:
