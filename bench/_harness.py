@@ -258,9 +258,11 @@ class Tally:
     def total(self) -> int:
         return self.ok + sum(self.failures.values())
 
-    def count(self, started: float, problem: str | None) -> None:
-        """One request, sent at `started` (perf_counter), answered now; `problem`: why it failed."""
-        self.latencies_ms.append((time.perf_counter() - started) * 1000)
+    def count(self, started: float, answered: float, problem: str | None) -> None:
+        """One request, sent at `started` and answered at `answered` (perf_counter, taken before
+        the answer is checked: checking is the client's time, not the gateway's); `problem`:
+        why it failed."""
+        self.latencies_ms.append((answered - started) * 1000)
         if problem is None:
             self.ok += 1
         else:
@@ -294,10 +296,11 @@ async def post_graphql(client: httpx.AsyncClient, url: str, payload: dict[str, A
     started = time.perf_counter()
     try:
         response = await client.post(url, json=payload, headers=STAFF if headers is None else headers)
+        answered = time.perf_counter()
         problem = _failure(response.status_code, response.content, root)
     except httpx.HTTPError as exc:
-        problem = f"{type(exc).__name__}"
-    tally.count(started, problem)
+        answered, problem = time.perf_counter(), f"{type(exc).__name__}"
+    tally.count(started, answered, problem)
 
 
 class LoadClient:
@@ -316,10 +319,11 @@ class LoadClient:
         started = time.perf_counter()
         try:
             reply = await self._client.request("POST", "/graphql", headers, body, self._timeout)
+            answered = time.perf_counter()
             problem = _failure(reply.status, reply.body, root)
         except (ConnectionFailed, ProtocolViolation, TimeoutError) as exc:
-            problem = f"{type(exc).__name__}"
-        tally.count(started, problem)
+            answered, problem = time.perf_counter(), f"{type(exc).__name__}"
+        tally.count(started, answered, problem)
 
     async def __aenter__(self) -> LoadClient:
         return self

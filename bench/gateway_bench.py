@@ -12,7 +12,9 @@ history (schema/examples/*.graphql):
   minimal critical path, one level per dependency between services' data; the catalog sends
   the books' authors with the books);
 - p50/p99 of sequential requests over a deterministic set of ids, after a warm-up;
-- requests per second with N concurrent clients (asyncio + httpx, one process);
+- requests per second with N concurrent clients (asyncio, one process; the queries go over
+  `LoadClient`, the gateway's own light HTTP/1.1 client, so the client's CPU, on the same
+  cores, adds as little as it can to the latencies and bounds the throughput least);
 - upstream calls per query (all services' /_admin/stats entries but /events and /healthz);
 - every response must be HTTP 200 with data and no "errors" (failures are counted).
 
@@ -41,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
-from _harness import (EXCLUDED_ROUTES, REPO, Stack, Tally, calls_per_query, clear_stats, cpu_seconds, peak_rss_kib,
-                      post_graphql, set_faults, summary, ttl_env, upstream_calls)
+from _harness import (EXCLUDED_ROUTES, REPO, STAFF, LoadClient, Stack, Tally, calls_per_query, clear_stats, cpu_seconds,
+                      peak_rss_kib, set_faults, summary, ttl_env, upstream_calls)
 from mock_services.demo_data import shop
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gateway.json"
@@ -64,8 +67,12 @@ class Query:
         return {"id": self.ids[i % len(self.ids)]}
 
 
-async def request(client: httpx.AsyncClient, url: str, query: Query, i: int, tally: Tally) -> None:
-    await post_graphql(client, url, {"query": query.text, "variables": query.variables(i)}, query.root, tally)
+_HEADERS = {"content-type": "application/json", **STAFF}
+
+
+async def request(load: LoadClient, query: Query, i: int, tally: Tally) -> None:
+    body = orjson.dumps({"query": query.text, "variables": query.variables(i)})
+    await load.post_graphql(body, _HEADERS, query.root, tally)
 
 
 def _spread(first: str, count: int, n: int, stride: int) -> list[str]:
@@ -120,7 +127,7 @@ def describe_waves(waves: list[list[dict[str, Any]]]) -> list[str]:
 # -- phases --------------------------------------------------------------------------------
 
 
-async def probe_levels(client: httpx.AsyncClient, stack: Stack, query: Query, probes: int, tally: Tally,
+async def probe_levels(client: httpx.AsyncClient, load: LoadClient, stack: Stack, query: Query, probes: int, tally: Tally,
                        latency_ms: int, tries: int = 3) -> dict[str, Any]:
     """Single requests with the stats cleared before each: the call graph's levels, and
     where the time goes (injected latency, the services' own work, the gateway's).
@@ -133,7 +140,7 @@ async def probe_levels(client: httpx.AsyncClient, stack: Stack, query: Query, pr
         seen = []
         for _ in range(tries):
             await clear_stats(client, stack.service_urls.values())
-            await request(client, f"{stack.gateway_url}/graphql", query, i, tally)
+            await request(load, query, i, tally)
             waves = levels(await upstream_calls(client, stack))
             total = tally.latencies_ms[-1]
             seen.append(len(waves))
@@ -151,30 +158,29 @@ async def probe_levels(client: httpx.AsyncClient, stack: Stack, query: Query, pr
             "retried": extra, "probes": shapes}
 
 
-async def sequential(client: httpx.AsyncClient, stack: Stack, query: Query, n: int, warmup: int) -> dict[str, Any]:
-    url = f"{stack.gateway_url}/graphql"
+async def sequential(client: httpx.AsyncClient, load: LoadClient, stack: Stack, query: Query, n: int,
+                     warmup: int) -> dict[str, Any]:
     warm = Tally()
     for i in range(warmup):
-        await request(client, url, query, i, warm)
+        await request(load, query, i, warm)
     await clear_stats(client, stack.service_urls.values())
     tally = Tally()
     for i in range(n):
-        await request(client, url, query, i, tally)
+        await request(load, query, i, tally)
     calls = await upstream_calls(client, stack)
     return {"tally": tally, "warmup": warm, "calls": calls_per_query(calls, tally.total)}
 
 
 async def throughput(stack: Stack, query: Query, duration: float, concurrency: int) -> dict[str, Any]:
-    url = f"{stack.gateway_url}/graphql"
     tally = Tally()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as client, \
+            LoadClient(stack.gateway_url, concurrency, CLIENT_TIMEOUT) as load:
         await clear_stats(client, stack.service_urls.values())
 
         async def worker(k: int) -> None:
             i = k
             while time.perf_counter() < deadline:
-                await request(client, url, query, i, tally)
+                await request(load, query, i, tally)
                 i += concurrency
 
         cpu_before = {name: cpu_seconds(stack.pid(name)) for name in stack.children}
@@ -206,13 +212,13 @@ def _per(seconds: float | None, n: int) -> float | None:
 async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     qs = queries(args.scale, max(args.requests, args.warmup, 1))
     results: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as client:
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as client, LoadClient(stack.gateway_url, 1, CLIENT_TIMEOUT) as load:
         await set_faults(client, stack.service_urls.values(), {"latencyMs": args.latency_ms})
         for q in qs:
             print(f"  {q.name}: levels, {args.warmup} warm-up + {args.requests} sequential ...", flush=True)
             probe_tally = Tally()
-            seq = await sequential(client, stack, q, args.requests, args.warmup)
-            lv = await probe_levels(client, stack, q, args.probes, probe_tally, args.latency_ms)
+            seq = await sequential(client, load, stack, q, args.requests, args.warmup)
+            lv = await probe_levels(client, load, stack, q, args.probes, probe_tally, args.latency_ms)
             results[q.name] = {"query": q, "levels": lv, "sequential": seq, "probe_tally": probe_tally}
     for q in qs:
         print(f"  {q.name}: {args.concurrency} concurrent clients for {args.duration:g}s ...", flush=True)
