@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from graphql import GraphQLError, located_error
 from graphql.execution.values import VariableValues, get_argument_values
 from graphql.pyutils import inspect
@@ -44,10 +45,11 @@ class _Null(Exception):
 
 
 async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fetched: Fetched | None = None
-                       ) -> tuple[dict[str, Any] | None, list[GraphQLError], list[dict[str, Any]]]:
+                       ) -> tuple[dict[str, Any] | orjson.Fragment | None, list[GraphQLError], list[dict[str, Any]]]:
     """`data`, the field errors and the stale entries served, for one operation (a plan
     without incremental delivery). `fetched`: entities already read, not read again (a live
-    update's shared read, gateway/hub.py)."""
+    update's shared read, gateway/hub.py). A kept answer's `data` (gateway/memo.py) is its
+    JSON already, an `orjson.Fragment`, which the response embeds as it is."""
     assert not plan.incremental
     memos = reader.source.memos if fetched is None else None  # a live update's shared read: not kept
     key = memos.key(plan, reader, variables) if memos is not None else None
@@ -61,9 +63,9 @@ async def execute_plan(plan: Plan, variables: VariableValues, reader: Reader, fe
     warm = await run.fetch(plan, reader)
     data = run.shape_root(plan.root)
     if key is not None:
+        peeked, reader.peeked = reader.peeked, None
         if warm and not run.errors and not run.stale:
-            memos.remember(plan, key, data, reader.peeked)  # type: ignore[union-attr,arg-type]
-        reader.peeked = None
+            return memos.remember(plan, key, data, peeked), [], []  # type: ignore[union-attr,arg-type]
     return data, run.errors, run.stale
 
 
