@@ -91,6 +91,13 @@ class FeedFollower:
         async with self._advanced:
             await self._advanced.wait_for(lambda: set(self.cursors) >= set(self.entities))
 
+    async def settled(self) -> None:
+        """Wait until Redis holds every floor raise the cache queued while it was away: each
+        feed page tries to apply them before its cursor is saved (`_advance`), so an idle
+        instance gets there within a long-poll's wait."""
+        async with self._advanced:
+            await self._advanced.wait_for(lambda: self.cache.settled)
+
     async def reached(self, service: str, seq: int) -> None:
         """Wait until `service`'s events up to `seq` have been applied."""
         async with self._advanced:

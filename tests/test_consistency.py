@@ -210,8 +210,9 @@ async def test_after_a_redis_pause_no_instance_serves_a_version_older_than_its_f
     books = [61, 62, 63, 64, 65]
     namespace = f"bvtest-{uuid.uuid4().hex[:8]}"
     with own_redis() as (url, server):
-        async with running_gateway(shop, redis_url=url, redis_rest=0.1, cache_namespace=namespace) as (a, app_a), \
-                running_gateway(shop, redis_url=url, redis_rest=0.1, cache_namespace=namespace) as (b, app_b):
+        # Feed pages every 0.5 s at most: each one tries the repair (`FeedFollower.settled`).
+        with_redis = {"redis_url": url, "redis_rest": 0.1, "cache_namespace": namespace, "feed_wait": 0.5}
+        async with running_gateway(shop, **with_redis) as (a, app_a), running_gateway(shop, **with_redis) as (b, app_b):
             for client in (a, b):
                 for book in books:
                     assert (await read_book(client, book))[0] == 1  # in both L1s and in Redis
@@ -230,7 +231,7 @@ async def test_after_a_redis_pause_no_instance_serves_a_version_older_than_its_f
                     for client in (b, a):
                         assert (await read_book(client, book))[0] == announced[book]
             for app in (app_b, app_a):
-                await repaired(app.state.gateway.cache)
+                await asyncio.wait_for(app.state.gateway.feeds.settled(), 10)
         store = aioredis.from_url(url)
         floors = [await store.hget(f"{namespace}:{FORMAT}:book:{book}", "_floor") for book in books]
         await store.aclose()
@@ -255,16 +256,6 @@ async def test_a_feed_gap_drops_the_entries_in_redis_but_keeps_their_floors() ->
         assert await redis.put_many({key: replace(late, version=3)}, "", keep) == 1
         assert [e.version if e else None for e in await redis.get_many([key], "")] == [3]
         await redis.close()
-
-
-async def repaired(cache: Any) -> None:
-    """`repair()` until Redis holds every floor raise it missed. After a failed call the Redis
-    level rests (`redis_rest`) before it calls again, and reads answered from memory in that
-    stretch try no repair of their own: the rest is a stretch of time, not an event, so it is
-    waited out."""
-    async with asyncio.timeout(10):
-        while not await cache.repair():
-            await asyncio.sleep(cache.redis.rest)
 
 
 async def captured_payment(shop: Shop) -> dict[str, Any]:
