@@ -17,7 +17,8 @@ requests); composes a supergraph from the services' /openapi.json with mesh-comp
    request, cycling over --ids of them): rounds of --duration seconds, interleaved
    BookVault off, Hive, BookVault warm, BookVault off, Hive ..., --concurrency keep-alive
    connections from one asyncio client, the gateway's own HTTP/1.1 client (LoadClient in
-   bench/_harness.py: light, as the client shares the cores). Hive has no entity cache: its figures serve both BookVault rows.
+   bench/_harness.py: light, as the client shares the cores). Hive has no entity cache: its
+   figures serve both BookVault rows.
 
 Per gateway and case: upstream calls per request (the services' /_admin/stats, but /events
 and /healthz), requests per second, p50/p99 latency, gateway CPU ms per request (/proc CPU
