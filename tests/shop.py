@@ -99,7 +99,11 @@ def settings_for(
         name: ServiceConfig(name=name, url=urls.get(name, f"http://{name}"), **{**overrides, **per_service.get(name, {})})
         for name in shop.apps
     }
-    return Settings(services=services, **{"jwt": JwtConfig(secret=TEST_SECRET), **(gateway or {})})
+    # A Redis call may wait a second here, not the 50 ms default: a dozen apps share this one
+    # loop on two loaded cores, and a late reply there is the loop's lag, not Redis trouble.
+    # Tests about Redis trouble set `redis_timeout` themselves.
+    return Settings(services=services,
+                    **{"jwt": JwtConfig(secret=TEST_SECRET), "redis_timeout": 1.0, **(gateway or {})})
 
 
 @contextlib.asynccontextmanager

@@ -211,7 +211,8 @@ async def test_after_a_redis_pause_no_instance_serves_a_version_older_than_its_f
     namespace = f"bvtest-{uuid.uuid4().hex[:8]}"
     with own_redis() as (url, server):
         # Feed pages every 0.5 s at most: each one tries the repair (`FeedFollower.settled`).
-        with_redis = {"redis_url": url, "redis_rest": 0.1, "cache_namespace": namespace, "feed_wait": 0.5}
+        with_redis = {"redis_url": url, "redis_rest": 0.1, "redis_timeout": 0.2, "cache_namespace": namespace,
+                      "feed_wait": 0.5}
         async with running_gateway(shop, **with_redis) as (a, app_a), running_gateway(shop, **with_redis) as (b, app_b):
             for client in (a, b):
                 for book in books:

@@ -323,8 +323,7 @@ async def redis_namespace() -> AsyncIterator[str]:
 async def test_persisted_queries_are_shared_by_instances_through_redis(shop: Shop, redis_namespace: str) -> None:
     """A query registered at one gateway is answered by hash alone at another sharing the Redis."""
     query = "query Shared($id: ID!) { book(id: $id) { title } }"
-    # A generous Redis timeout: on a busy machine the default 50 ms falls back to memory.
-    redis = {"redis_url": "redis://127.0.0.1:6379/0", "cache_namespace": redis_namespace, "redis_timeout": 1.0}
+    redis = {"redis_url": "redis://127.0.0.1:6379/0", "cache_namespace": redis_namespace}
     async with running_gateway(shop, **redis) as (first, _), running_gateway(shop, **redis) as (second, _):
         assert (await apq(second, "GET", query, False, id="9"))["errors"][0]["extensions"]["code"] == \
             "PERSISTED_QUERY_NOT_FOUND"
