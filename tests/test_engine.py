@@ -40,7 +40,8 @@ async def test_nested_customers_and_their_orders_cost_one_call_per_service_and_l
       customer { name orders(first: 2) { totalCount nodes { id } } } } } } } }"""
     ids = ["11", "12", "13", "14", "15", "16", "17", "18"]
     body = await graphql(gateway, query, ids=ids)
-    assert "errors" not in body and [o["id"] for o in body["data"]["orders"]] == ids
+    assert "errors" not in body, body["errors"]  # shown: it failed once, unexplained, in a full local run
+    assert [o["id"] for o in body["data"]["orders"]] == ids
     customers = {o["customer"]["name"] for o in body["data"]["orders"]}
     assert len(customers) > 3
     calls = await shop.calls()
