@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.jwt.secret and not settings.jwt.jwks_url:
             # The gateway (a child process) inherits it: `bookvault token` signs with the same.
             os.environ["BOOKVAULT_JWT_SECRET"] = demo_secret(args.data_dir or settings.data_dir, create=True) or ""
-        gateway = Child("gateway", [sys.executable, "-m", "bookvault.cli", "gateway"], url, tier=1)
+        gateway = Child("gateway", [sys.executable, "-m", "bookvault.cli", "gateway"], url, tier=1,
+                        port_variable="BOOKVAULT_PORT")
         return supervise(_services(args, settings) + [gateway], banner=f"GraphiQL: {url}/graphql  ")
     if args.command == "gateway":
         from bookvault.app import create_app

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,10 +18,22 @@ from starlette.responses import JSONResponse, Response
 if TYPE_CHECKING:
     from .state import GatewayState
 
-__all__ = ["ReadinessProbe", "MEMORY_CACHE", "readyz", "watch_loop"]
+__all__ = ["MEMORY_CACHE", "ReadinessProbe", "instance_headers", "readyz", "watch_loop"]
 
 log = logging.getLogger("bookvault.health")
 PROBE_TIMEOUT = 0.5  # seconds; a probe that takes longer is failing
+# The nonce `bookvault demo`'s supervisor gives this process, echoed on /healthz so its
+# readiness probe knows the answer came from this process and not from another gateway on
+# the port. The same names as mock_services/runner.py's INSTANCE_ENV and INSTANCE_HEADER
+# (the gateway does not import mock_services; tests/test_lifecycle.py checks they agree).
+INSTANCE_ENV = "BOOKVAULT_INSTANCE"
+INSTANCE_HEADER = "bookvault-instance"
+
+
+def instance_headers() -> dict[str, str]:
+    """/healthz's extra header: this process's supervisor nonce, when it was given one."""
+    nonce = os.environ.get(INSTANCE_ENV)
+    return {INSTANCE_HEADER: nonce} if nonce else {}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .models import EventPage, Meta
 from .params import parse_int
 from .position import FeedPosition
 from .responses import JSONResponse
+from .runner import instance_headers
 from .telemetry import ServerSpans, trace_queries, tracer_provider_from_env
 
 __all__ = ["ServiceSpec", "create_app", "database_url"]
@@ -80,7 +81,8 @@ def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
 
 def _shared_routes(api: Api, spec: ServiceSpec) -> None:
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "service": spec.name})
+        # The header lets the supervisor tell this process's answer from another's (runner.py).
+        return JSONResponse({"status": "ok", "service": spec.name}, headers=instance_headers())
 
     async def meta(request: Request) -> JSONResponse:
         ctx: Context = request.app.state.ctx

@@ -4,13 +4,11 @@ traceback; a change-feed long-poll ends as soon as its client goes or its servic
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 import httpx
+from process_tree import stack_env, start
 
 from gateway.auth import mint
 from mock_services import SERVICES
@@ -23,16 +21,13 @@ async def test_ctrl_c_on_the_demo_stops_everything_quickly_without_a_traceback(d
     ports = unused_ports(len(SERVICES) + 1)
     urls = {name: f"http://127.0.0.1:{port}" for name, port in zip(SERVICES, ports)}
     gateway = f"http://127.0.0.1:{ports[-1]}"
-    env = os.environ | {f"BOOKVAULT_{name.upper()}_URL": url for name, url in urls.items()}
-    env |= {"BOOKVAULT_PORT": str(ports[-1]), "BOOKVAULT_FEED_WAIT_S": "10"}
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("bookvault")), "demo", "--data-dir", str(data_dir),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        while not (line := await asyncio.wait_for(process.stdout.readline(), 60)).startswith(b"ready"):
-            assert line, "bookvault demo closed its output before it was ready"
+    env = stack_env(ports[:-1], ports[-1], BOOKVAULT_FEED_WAIT_S="10")
+    # `start` ends the demo and every child, and reaps it within a bound, even when an
+    # assertion fails here: orphans holding the pipes would otherwise hang the whole run.
+    async with start("demo", data_dir, ports, env=env, stderr=asyncio.subprocess.PIPE) as stack:
+        process = stack.process
+        assert process.stderr is not None
+        await stack.ready()
         async with httpx.AsyncClient(timeout=5) as client:
             assert (await client.get(f"{gateway}/healthz")).status_code == 200
             for _ in range(200):  # once every feed has its cursor, all six are long-polling
@@ -51,11 +46,7 @@ async def test_ctrl_c_on_the_demo_stops_everything_quickly_without_a_traceback(d
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), STOP_BOUND_S + 5) == 0
         took = time.monotonic() - started
-        stderr = (await process.stderr.read()).decode()
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
+        stderr = (await asyncio.wait_for(process.stderr.read(), 5)).decode()
     assert took < STOP_BOUND_S
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
     assert "change feed" not in stderr, stderr[-3000:]  # the gateway went first: no feed lost its service
