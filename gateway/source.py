@@ -142,7 +142,7 @@ class Reader:
         self.identity = caller.key if caller is not None else None
         self.deadline = deadline
         self.session = session  # the request's consistency token (gateway/consistency.py)
-        self.traced = recording()  # the operation's batch calls get spans: `read` makes them
+        self.traced = recording()  # the operation's reads get spans, cache hits too: `read` makes them
         self.peeked: list[Peeked] | None = None  # a list: `peek` notes each warm read in it
 
     async def read(self, binding: Binding, keys: list[Any], query: str = "", include: Include = (),
@@ -166,7 +166,7 @@ class Reader:
         """`read`'s answer when every key's entry is fresh in this process's memory, found
         without an await: a warm query's reads need no task, coroutine or call. None when
         anything needs more (a miss, an entry past its TTL, a token naming a position this
-        instance has not reached, a traced operation, whose batch spans are made by `read`):
+        instance has not reached, a traced operation, whose read spans are made by `read`):
         then `read` it."""
         cache = self.source.cache
         if cache is None or self.traced:

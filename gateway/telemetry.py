@@ -1,14 +1,19 @@
 """Tracing (ARCHITECTURE.md, "Telemetry"): which service made a request slow, in one Jaeger trace.
 
 A GraphQL request gets a server span (`TelemetryMiddleware`), an operation span
-(`operation_span`, opened by the view) and one client span per upstream batch call
-(`batch_span`, used by the loaders). Resolvers get none: a span per field would cost more
-than the fields. Every upstream call sends W3C trace context (`outgoing`), so each
-service's spans join the same trace.
+(`operation_span`, opened by the view), an INTERNAL span per stage of the operation
+(`stage`: document, variables, cost, plan), an INTERNAL span per batch read of the loaders
+(`batch_span`: "read catalog /books", whether the cache or the service answers it) and,
+only for an HTTP request really sent, a CLIENT span (`sending`, in gateway/upstream.py):
+beneath its read, or beneath the operation for a write. A read the cache answers is no call,
+so it is no CLIENT span: a CLIENT span is "a request to some remote service" (OpenTelemetry
+trace API, SpanKind). Resolvers get no span: a span per field would cost more than the
+fields. Every request sent carries W3C trace context (`outgoing`), so each service's spans
+join the same trace, under the CLIENT span that sent it.
 
-Seam for the cache and resilience code: inside a batch call, `annotate(cache_hits=...,
+Seam for the cache and resilience code: inside a batch read, `annotate(cache_hits=...,
 cache_misses=..., stale_served=..., retries=..., breaker_state=...)` sets those facts on the
-batch's span without any OpenTelemetry import. Pass running totals: the last value wins.
+read's span without any OpenTelemetry import. Pass running totals: the last value wins.
 
 Nothing here is module-global: the tracer provider is an app's, made in its lifespan (or
 given by a test); a request finds it through a context variable set by the middleware."""
@@ -43,6 +48,9 @@ __all__ = [
     "batch_span",
     "annotate",
     "outgoing",
+    "sending",
+    "Sent",
+    "stage",
     "tracer_provider_from_env",
     "TRACE_ID_HEADER",
 ]
@@ -57,7 +65,6 @@ _ATTRIBUTES = {
     "stale_served": "bookvault.cache.stale_served",
     "retries": "bookvault.retries",
     "breaker_state": "bookvault.breaker.state",
-    "http_status": "http.response.status_code",
     "error_type": "error.type",
     "shared_flight": "bookvault.single_flight.shared",
 }
@@ -112,8 +119,9 @@ class _Request:
 
 @dataclass
 class _Batch:
-    span: trace.Span | None  # None: the operation is not sampled
-    requests: int = 0
+    span: trace.Span | None  # the read's; None: the operation is not sampled, or a write
+    route: str  # the URL's template, for the CLIENT spans of the requests it sends
+    requests: int = 0  # requests sent so far (a retried read sends several)
 
 
 _REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("bookvault_request", default=None)
@@ -189,7 +197,7 @@ class TelemetryMiddleware:
 class OperationSpan:
     """The span of one GraphQL operation, named like "query OrderPage" once the view knows
     the operation, with its name, type, outcome and the SHA-256 of its document (the id
-    persisted queries use); the batch spans hang under it. The view fills it in:
+    persisted queries use); the stage, read and write spans hang under it. The view fills it in:
 
         with operation_span() as op:
             op.named("OrderPage", "query", document_hash)
@@ -217,7 +225,7 @@ def operation_span() -> Iterator[OperationSpan]:
         yield OperationSpan(None)
         return
     parent = trace.get_current_span()
-    # Not sampled: no child span (see `_client_span`); the server span's ids serve.
+    # Not sampled: no child span (see `_read_span`); the server span's ids serve.
     opened = request.telemetry.tracer.start_as_current_span("graphql") if parent.is_recording() else contextlib.nullcontext(parent)
     with opened as span:
         op = OperationSpan(span)
@@ -239,8 +247,11 @@ def operation_span() -> Iterator[OperationSpan]:
 
 @contextlib.contextmanager
 def batch_span(service: str, route: str, size: int | None = None, method: str = "GET") -> Iterator[None]:
-    """The span of one upstream call of the loaders: a batch of `size` ids, or a page
-    (`size` None), or a write (`method`). A `GatewayError` leaving it marks the span failed with its code."""
+    """One upstream read of the loaders (a batch of `size` ids, or a page: `size` None) or a
+    write (`method`): its metrics, the facts `annotate` sets, and the route of the CLIENT
+    spans of the requests it sends (`sending`). A read is an INTERNAL span whether or not
+    the cache answers it (`_read_span`); a write has no span of its own: its request's
+    CLIENT span is the write. A `GatewayError` leaving it marks the read failed with its code."""
     request = _REQUEST.get()
     if request is None:
         yield
@@ -250,8 +261,8 @@ def batch_span(service: str, route: str, size: int | None = None, method: str = 
     if size is not None:
         metrics.child(metrics.batch_size, service, route).observe(size)
     started = time.perf_counter()
-    with _client_span(telemetry, service, route, size, method) as span:
-        batch = _Batch(span)
+    with _read_span(telemetry, service, route, size) if method == "GET" else _NO_SPAN as span:
+        batch = _Batch(span, route)
         token = _BATCH.set(batch)
         try:
             yield
@@ -265,7 +276,7 @@ def batch_span(service: str, route: str, size: int | None = None, method: str = 
 
 
 def recording() -> bool:
-    """Whether the current operation is traced: its batch calls get spans (`batch_span`)."""
+    """Whether the current operation is traced: its reads get spans (`batch_span`)."""
     return trace.get_current_span().is_recording()
 
 
@@ -278,25 +289,110 @@ def observe_batches(service: str, route: str, sizes: Iterable[int]) -> None:
             histogram.observe(size)
 
 
-def _client_span(telemetry: Telemetry, service: str, route: str, size: int | None,
-                 method: str) -> contextlib.AbstractContextManager[trace.Span | None]:
-    """The batch call's span; none under an operation that is not sampled (its children
-    would not be recorded under the default parent-based sampler either), which saves a
-    third of a cached query's CPU when no traces are exported."""
+# Shared and reusable (a nullcontext keeps no state): what the span helpers give an operation
+# that is not sampled, so that they cost no span and no new object there.
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def _read_span(telemetry: Telemetry, service: str, route: str,
+               size: int | None) -> contextlib.AbstractContextManager[trace.Span | None]:
+    """The read's INTERNAL span, "read catalog /books": the gateway's own work (cache,
+    single flight, retries), not a call; none under an operation that is not sampled (its
+    children would not be recorded under the default parent-based sampler either), which
+    saves a third of a cached query's CPU when no traces are exported."""
     if not recording():
-        return contextlib.nullcontext()
-    attributes: dict[str, Any] = {"peer.service": service, "http.request.method": method, "http.route": route,
-                                  "bookvault.retries": 0}
+        return _NO_SPAN
+    # No peer.service here: that names the remote end of a CLIENT span (OpenTelemetry
+    # semantic conventions, general attributes); the requests sent are the read's children.
+    attributes: dict[str, Any] = {"bookvault.service": service, "bookvault.route": route, "bookvault.retries": 0}
     if size is not None:
         # Defaults for a loader without cache; the cache's annotate() replaces them.
         attributes.update({"bookvault.batch.size": size, "bookvault.cache.hits": 0, "bookvault.cache.misses": size,
                            "bookvault.cache.stale_served": 0})
-    return telemetry.tracer.start_as_current_span(f"{service} {route}", kind=SpanKind.CLIENT, attributes=attributes)
+    return telemetry.tracer.start_as_current_span(f"read {service} {route}", attributes=attributes)
+
+
+class Sent:
+    """What `sending` gives the code that sends: where the answer's status goes."""
+
+    __slots__ = ("_span", "status")
+
+    def __init__(self, span: trace.Span | None) -> None:
+        self._span = span
+        self.status = 0  # none yet
+
+    def answered(self, status: int) -> None:
+        if self._span is not None:
+            self.status = status
+            self._span.set_attribute("http.response.status_code", status)
+
+
+_NOT_TRACED = contextlib.nullcontext(Sent(None))  # shared: with no span, `answered` changes nothing
+
+
+def sending(service: str, method: str, url: str,
+            server: tuple[str, int] | None = None) -> contextlib.AbstractContextManager[Sent]:
+    """Around one HTTP request really sent to `service` (`server`: its host and port): its
+    CLIENT span, current while it is sent so that `outgoing` names it as the service's
+    parent. One per request, so each attempt of a retried read is one, as the HTTP
+    semantic conventions ask (`http.request.resend_count`); none when the operation is not
+    traced."""
+    if not recording() or (request := _REQUEST.get()) is None:
+        return _NOT_TRACED
+    return _client_span(request.telemetry, service, method, url, server)
+
+
+@contextlib.contextmanager
+def _client_span(telemetry: Telemetry, service: str, method: str, url: str,
+                 server: tuple[str, int] | None) -> Iterator[Sent]:
+    batch = _BATCH.get()
+    route = batch.route if batch is not None else url.partition("?")[0]
+    attributes: dict[str, Any] = {"peer.service": service, "http.request.method": method, "http.route": route}
+    if server is not None:
+        attributes["server.address"], attributes["server.port"] = server
+    if batch is not None and batch.requests:
+        attributes["http.request.resend_count"] = batch.requests  # this read's earlier requests
+    # Named "{method} {route}" (HTTP semantic conventions, span name); the gateway's errors
+    # are set as they are, no exception event: the code says what happened.
+    with telemetry.tracer.start_as_current_span(f"{method} {route}", kind=SpanKind.CLIENT, attributes=attributes,
+                                                record_exception=False, set_status_on_exception=False) as span:
+        sent = Sent(span)
+        try:
+            yield sent
+        except BaseException as exc:
+            # HTTP semantic conventions: a 4xx is an error of a CLIENT span too, and its
+            # error.type is the status code; without an error status, the gateway's code
+            # (a timeout, a body outside the contract), or the exception's class (the
+            # attempt's deadline cancels the request).
+            if sent.status >= 400:
+                error_type = str(sent.status)
+            else:
+                error_type = exc.code if isinstance(exc, GatewayError) else type(exc).__qualname__
+            span.set_attribute("error.type", error_type)
+            span.set_status(StatusCode.ERROR, str(exc))
+            raise
+
+
+def stage(name: str, **facts: Any) -> contextlib.AbstractContextManager[None]:
+    """An INTERNAL span, child of the current span, around one stage of the operation:
+    `with stage("graphql.plan"):`. `facts` become attributes named by the stage's last
+    part: `stage("graphql.document", cached=True)` sets `bookvault.document.cached`.
+    When the current span is not recording, nothing: no span, the shared nullcontext."""
+    if not recording() or (request := _REQUEST.get()) is None:
+        return _NO_SPAN
+    prefix = f"bookvault.{name.rpartition('.')[2]}."
+    return _stage_span(request.telemetry, name, {prefix + key: value for key, value in facts.items()})
+
+
+@contextlib.contextmanager
+def _stage_span(telemetry: Telemetry, name: str, attributes: dict[str, Any]) -> Iterator[None]:
+    with telemetry.tracer.start_as_current_span(name, attributes=attributes):
+        yield
 
 
 def failed(exc: GatewayError) -> None:
-    """Mark the current batch call failed with `exc`'s code, also when the loader goes on
-    (serving stale data, or the error at each field's path) instead of raising."""
+    """Mark the current read failed with `exc`'s code, also when the loader goes on
+    (serving stale data, or the error at each field's path) instead of raising; count it."""
     batch, request = _BATCH.get(), _REQUEST.get()
     if batch is not None and request is not None:
         if batch.span is not None:
@@ -307,14 +403,15 @@ def failed(exc: GatewayError) -> None:
 
 
 def annotate(**facts: Any) -> None:
-    """Set facts on the current batch call's span (see the module doc); no-op outside one."""
+    """Set facts on the current read's span (see the module doc); no-op outside one."""
     batch = _BATCH.get()
     if batch is not None and batch.span is not None:
         batch.span.set_attributes({_ATTRIBUTES.get(key, f"bookvault.{key}"): value for key, value in facts.items()})
 
 
 def outgoing(headers: dict[str, str]) -> None:
-    """For every upstream call, before it is sent: trace context out, and the call counted."""
+    """For every upstream request, as it is sent: trace context out (naming its CLIENT span,
+    when traced, as the parent), and the request counted."""
     current = _REQUEST.get()
     if current is None:
         propagate.inject(headers)  # W3C traceparent: the service's spans join this trace

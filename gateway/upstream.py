@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -18,7 +19,7 @@ from .config import ResilienceConfig, ServiceConfig
 from .http1 import Client, ConnectionFailed, Oversized, ProtocolViolation, Reply
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from .resilience import DEADLINE_HEADER, RETRYABLE_STATUSES, Deadline, Resilience, parse_retry_after
-from .telemetry import annotate, outgoing
+from .telemetry import outgoing, sending
 
 __all__ = ["Upstream", "POSITION_HEADER", "feed_seq"]
 
@@ -30,6 +31,13 @@ _HEADERS = {"accept": "application/json", "user-agent": "bookvault-gateway"}
 def feed_seq(raw: str | None) -> int:
     """A service's `X-Feed-Seq` (mock_services/position.py) as a seq; -1 when absent or not one."""
     return int(raw) if raw and raw.isdigit() and len(raw) <= 18 else -1
+
+
+def _server(url: str) -> tuple[str, int] | None:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _is_json(content_type: str) -> bool:
@@ -152,6 +160,8 @@ class Upstream:
         self._advertised: dict[str, int] = {}
         self.resilience = resilience or Resilience(self.services, ResilienceConfig())
         transports = transports or {}
+        # server.address and server.port of each service's CLIENT spans, parsed once.
+        self._servers = {name: _server(cfg.url) for name, cfg in self.services.items()}
         self._exchanges: dict[str, Exchange] = {
             name: _Httpx(name, cfg, transports[name]) if name in transports else _Http1(name, cfg)
             for name, cfg in self.services.items()
@@ -219,15 +229,16 @@ class Upstream:
                 timeout = budget_ms / 1000
         if (caller := caller_header()) is not None:
             sent[CALLER_HEADER] = caller  # beside traceparent
-        outgoing(sent)
-        body = None
-        if payload is not None:
-            body = orjson.dumps(payload)
-            sent["content-type"] = "application/json"
-        reply = await self._exchanges[service](method, url, sent, body,
-                                               self.services[service].read_timeout if timeout is None else timeout)
-        annotate(http_status=reply.status)  # a retried call keeps its last attempt's
-        decoded = self._decode(reply, service)
+        with sending(service, method, url, self._servers[service]) as request:  # its CLIENT span, when traced
+            outgoing(sent)
+            body = None
+            if payload is not None:
+                body = orjson.dumps(payload)
+                sent["content-type"] = "application/json"
+            reply = await self._exchanges[service](method, url, sent, body,
+                                                   self.services[service].read_timeout if timeout is None else timeout)
+            request.answered(reply.status)
+            decoded = self._decode(reply, service)
         return (decoded, feed_seq(reply.headers.get(POSITION_HEADER))) if positioned else decoded
 
     @staticmethod

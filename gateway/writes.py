@@ -59,14 +59,14 @@ async def send(context: RequestContext, service: str, method: str, url: str, *, 
     """One write, sent at most once within the request's deadline; the service's refusal
     becomes the caller's error. 5xx, timeouts and an open breaker stay `UpstreamError`s
     (the outcome may be unknown: the caller repeats the mutation with the same key).
-    `route` names the call in its span and metrics (the URL's template)."""
+    `route` names the call in its CLIENT span and metrics (the URL's template)."""
     upstream = context.reader.source.upstream
     headers = {"Idempotency-Key": key} if key else None
     with batch_span(service, route or url, method=method):
         try:
             return await upstream.request(service, method, url, json=json, headers=headers,
                                           deadline=context.reader.deadline)
-        except UpstreamRejected as exc:  # an answer, not a failure of the service: the span stays OK
+        except UpstreamRejected as exc:  # the caller's error, not the service's (its CLIENT span shows the 4xx)
             rejected = exc
     refusal = _refusal(rejected)
     if refusal is rejected:
