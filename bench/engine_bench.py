@@ -31,7 +31,8 @@ from gateway.execute import execute_plan  # noqa: E402
 from gateway.plan import Planner  # noqa: E402
 from gateway.relations import Loaders  # noqa: E402
 from gateway.source import Binding, Reader  # noqa: E402
-from gateway.view import execute_reference, format_errors  # noqa: E402
+from gateway.errors import format_errors  # noqa: E402
+from gateway.pipeline import execute_reference  # noqa: E402
 from schema import Query  # noqa: E402
 
 HISTORY = """query History($id: ID!) { customer(id: $id) { name orders(first: 20) { totalCount

@@ -16,10 +16,9 @@ import strawberry
 from opentelemetry.trace import TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute, websocket_session
 from starlette.types import ASGIApp, Scope
-from strawberry.asgi import GraphQL
 from strawberry.schema.config import StrawberryConfig
 
 from .auth import Authenticator, authentication
@@ -28,17 +27,17 @@ from .config import Settings
 from .consistency import Consistency
 from .cors import cors_middleware
 from .feed import FeedFollower
-from .graphiql import ASSET_PREFIX, graphiql_response, serve_asset
-from .health import MEMORY_CACHE, ReadinessProbe, readyz, watch_loop
+from .graphiql import ASSET_PREFIX, serve_asset
+from .health import MEMORY_CACHE, ReadinessProbe, instance_headers, readyz, watch_loop
 from .flights import SingleFlight
 from .hub import LiveHub
 from .live import declared
-from .live_sse import EventStream, Streams
 from .live_ws import serve_websocket
 from .outbox import heartbeats
 from .metrics import BREAKER_STATES, CONTENT_TYPE, LiveCollector, record_retry
 from .persisted import QueryStore, TrustedDocuments
-from .ratelimit import Limiter, RateLimitMiddleware
+from .pipeline import Pipeline
+from .ratelimit import Limiter
 from .resilience import BreakerState, Resilience
 from .source import Binding, EntitySource
 from .state import GatewayState, gateway_state
@@ -75,20 +74,24 @@ def executable_schema(query: type, mutation: type | None = None, subscription: t
 
 
 def _checked(app: ASGIApp) -> ASGIApp:
-    """Who is asking, then whether they may ask again so soon (gateway/auth.py, ratelimit.py)."""
-    return authentication(RateLimitMiddleware(app, _limiter), _authenticator)
+    """Who is asking (gateway/auth.py): a bad token is answered before the request is read.
+    Whether they may ask again so soon is the pipeline's, per operation (gateway/pipeline.py)."""
+    return authentication(app, _authenticator)
 
 
-class _Strawberry(GraphQL):  # type: ignore[type-arg]
-    """strawberry's view, for what the planned view hands it (browsers, WebSockets), with
-    GraphiQL served from this gateway instead of strawberry's CDN page."""
-
-    async def render_graphql_ide(self, request: Request) -> Response:  # type: ignore[override]
-        return graphiql_response(request)
+async def sdl(request: Request) -> Response:
+    """The schema as SDL, for tools that read a file rather than introspect; it follows the
+    introspection setting (off: 404, as if there were none)."""
+    state = gateway_state(request)
+    if not state.settings.introspection:
+        return PlainTextResponse("introspection is disabled on this gateway", status_code=404)
+    return PlainTextResponse(request.app.state.sdl, media_type="application/graphql; charset=utf-8",
+                             headers={"cache-control": "no-cache"})
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    # The header lets `bookvault demo` tell this gateway's answer from another's (gateway/health.py).
+    return JSONResponse({"status": "ok"}, headers=instance_headers())
 
 
 async def home(request: Request) -> Response:
@@ -115,10 +118,6 @@ def _telemetry(scope: Scope) -> Telemetry:
 
 def _authenticator(conn: HTTPConnection) -> Authenticator:
     return gateway_state(conn).authenticator  # type: ignore[return-value]
-
-
-def _limiter(scope: Scope) -> Limiter | None:
-    return scope["app"].state.gateway.limiter
 
 
 def _observe(resilience: Resilience, telemetry: Telemetry) -> None:
@@ -169,7 +168,7 @@ def create_app(
         telemetry = Telemetry(settings.services, tracer_provider or tracer_provider_from_env())
         watching = asyncio.create_task(watch_loop(telemetry.metrics.loop_lag.observe), name="loop-lag")
         if settings.document_workers:
-            view.documents.start()  # the document worker, started before the first query needs it
+            pipeline.documents.start()  # the document worker, started before the first query needs it
         resilience = Resilience(settings.services, settings.resilience, clock=clock)
         _observe(resilience, telemetry)
         upstream = Upstream(settings.services, transports, resilience)
@@ -205,7 +204,7 @@ def create_app(
                                          policies=cache_policies, feeds=feeds, telemetry=telemetry, source=source,
                                          readiness=readiness, limits=limits, consistency=consistency,
                                          authenticator=authenticator, limiter=limiter, live=live,
-                                         documents=view.documents)
+                                         documents=pipeline.documents)
         try:
             yield
         finally:
@@ -225,7 +224,7 @@ def create_app(
             if redis is not None:
                 await redis.close()
             await store.close()
-            await view.documents.aclose()
+            await pipeline.documents.aclose()
             if tracer_provider is None:  # ours: export what is still buffered, off the event loop
                 await asyncio.to_thread(telemetry.tracer_provider.shutdown)
 
@@ -233,15 +232,15 @@ def create_app(
     store = QueryStore(settings.apq_max_entries, settings.redis_url, namespace=settings.cache_namespace,
                        timeout=settings.redis_timeout, rest=settings.redis_rest, ttl=settings.apq_ttl)
     trusted = TrustedDocuments.load(settings.trusted_documents) if settings.trusted_documents else None
-    view = GraphQLView(schema, _Strawberry(schema), settings, store, trusted)
+    pipeline = Pipeline(schema, settings, store, trusted, live_fields)
+    view = GraphQLView(pipeline)
     app = Starlette(
         routes=[
-            # Who is asking, then whether they may ask again so soon, then the query
-            # (gateway/auth.py, gateway/ratelimit.py): a bad token or a caller over its
-            # budget is answered before the request is read. Subscriptions (event streams,
-            # WebSockets) pass the same two, not telemetry: a stream is not one request.
-            Route("/graphql", Streams(_checked(EventStream(view)), TelemetryMiddleware(_checked(view), _telemetry))),
+            # One endpoint, two adapters over one pipeline (gateway/pipeline.py): HTTP (POST,
+            # GET, SSE, multipart, GraphiQL for browsers) and graphql-transport-ws.
+            Route("/graphql", TelemetryMiddleware(_checked(view), _telemetry)),
             WebSocketRoute("/graphql", _checked(websocket_session(serve_websocket))),
+            Route("/graphql/schema.graphql", sdl, methods=["GET", "HEAD"]),
             Route(ASSET_PREFIX + "{path:path}", serve_asset, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -251,5 +250,6 @@ def create_app(
         middleware=cors_middleware(settings.cors_origins),
         lifespan=lifespan,
     )
-    app.state.graphql = view  # its document cache and planner, for tests and benches
+    app.state.graphql = pipeline  # its document cache and planner, for tests and benches
+    app.state.sdl = schema.as_str() + "\n"
     return app

@@ -37,7 +37,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from http.cookies import CookieError, SimpleCookie
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from .feed import FeedFollower
@@ -148,7 +148,7 @@ class Consistency:
 
     # -- a request -----------------------------------------------------------------------
 
-    def session(self, request: Request, deadline: Deadline | None = None) -> Session:
+    def session(self, request: HTTPConnection, deadline: Deadline | None = None) -> Session:
         """The request's token (header first, else the cookie), checked."""
         headers = request.headers
         raw = headers.get(TOKEN_HEADER)

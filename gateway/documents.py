@@ -335,6 +335,8 @@ def _coded(error: GraphQLError, code: str) -> GraphQLError:
         return error
     if error.message.startswith("GraphQL introspection has been disabled"):
         code = "INTROSPECTION_DISABLED"
+    elif error.message == "Maximum introspection depth exceeded":  # graphql-core's own rule, the same bound
+        code = "INTROSPECTION_LIMIT_EXCEEDED"
     error.extensions = {**(error.extensions or {}), "code": code}
     return error
 
@@ -351,15 +353,23 @@ def _check(node: DocumentNode, limits: Limits) -> list[GraphQLError]:
     for definition in node.definitions:
         if not isinstance(definition, OperationDefinitionNode):
             continue
-        depth, aliases = measure.selections(definition.selection_set)
+        size = measure.selections(definition.selection_set)
         name = definition.name.value if definition.name else "anonymous"
-        if depth > limits.max_depth:
+        if size.depth > limits.max_depth:
             errors.append(GraphQLError(f"'{name}' exceeds maximum operation depth of {limits.max_depth}",
                                        [definition], extensions={"code": "DEPTH_LIMIT_EXCEEDED", "limit": limits.max_depth}))
-        if aliases > limits.max_aliases:
-            errors.append(GraphQLError(f"{aliases if aliases < 10**6 else 'more than a million'} aliases found. "
-                                       f"Allowed: {limits.max_aliases}", [definition],
+        if size.aliases > limits.max_aliases:
+            errors.append(GraphQLError(f"{size.aliases if size.aliases < 10**6 else 'more than a million'} aliases "
+                                       f"found. Allowed: {limits.max_aliases}", [definition],
                                        extensions={"code": "ALIAS_LIMIT_EXCEEDED", "limit": limits.max_aliases}))
+        lists, of_type = size.worst
+        for found, bound, what in ((size.roots, MAX_INTROSPECTION_ROOTS, "__schema and __type fields"),
+                                   (lists, MAX_INTROSPECTION_LISTS, "nested lists of fields, interfaces, possibleTypes "
+                                                                    "or inputFields"),
+                                   (of_type, MAX_OF_TYPE, "nested ofType fields")):
+            if found > bound:
+                errors.append(GraphQLError(f"'{name}' has {found} {what}: introspection allows {bound}", [definition],
+                                           extensions={"code": "INTROSPECTION_LIMIT_EXCEEDED", "limit": bound}))
     return errors
 
 
@@ -375,34 +385,77 @@ def _selections(node: DocumentNode) -> int:
     return count
 
 
+# Introspection is bounded on its own terms (README, "Limits and cost"): its queries are deep
+# by nature (graphql-js's getIntrospectionQuery is 15 fields deep, 9 of them `ofType`), so
+# the fields under `__schema` and `__type` count as one level of depth, and are bounded
+# instead by what makes introspection expensive, as GraphQL Armor and Apollo Router do:
+# nested lists of the schema's types (graphql-js's MaxIntrospectionDepthRule: 3 is too
+# many), the `ofType` chain, and how many times the schema is introspected per operation.
+INTROSPECTION_ROOTS = frozenset({"__schema", "__type"})
+INTROSPECTION_LISTS = frozenset({"fields", "interfaces", "possibleTypes", "inputFields"})
+MAX_INTROSPECTION_LISTS = 2  # getIntrospectionQuery nests 1 (a type's fields' args are not counted)
+MAX_OF_TYPE = 16  # getIntrospectionQuery's typeDepth is 9 by default; [[[Int!]!]!]! needs 6
+MAX_INTROSPECTION_ROOTS = 3  # `__schema` and `__type` fields per operation, spreads counted
+
+
+@dataclass(frozen=True)
+class _Size:
+    """What the limits measure of a selection set: `depth` (an introspection field counts
+    one), `aliases`, `roots` (`__schema`/`__type` fields), and, along its deepest paths,
+    `lists` and `of_type` (introspection list fields and `ofType` fields); `worst` is the
+    greatest (lists, of_type) under any introspection root within it."""
+
+    depth: int = 0
+    aliases: int = 0
+    roots: int = 0
+    lists: int = 0
+    of_type: int = 0
+    worst: tuple[int, int] = (0, 0)
+
+    def join(self, other: _Size) -> _Size:
+        return _Size(max(self.depth, other.depth), self.aliases + other.aliases, self.roots + other.roots,
+                     max(self.lists, other.lists), max(self.of_type, other.of_type),
+                     (max(self.worst[0], other.worst[0]), max(self.worst[1], other.worst[1])))
+
+
+_EMPTY = _Size()
+
+
 class _Measure:
-    """Depth and alias count of selection sets, each fragment measured once."""
+    """The `_Size` of selection sets, each fragment measured once (a fragment's size does
+    not depend on where it is spread)."""
 
     def __init__(self, fragments: dict[str, FragmentDefinitionNode]) -> None:
         self.fragments = fragments
-        self.memo: dict[str, tuple[int, int]] = {}
+        self.memo: dict[str, _Size] = {}
         self.visiting: set[str] = set()
 
-    def selections(self, selection_set: SelectionSetNode | None) -> tuple[int, int]:
-        depth, aliases = 0, 0
+    def selections(self, selection_set: SelectionSetNode | None) -> _Size:
+        size = _EMPTY
         for selection in selection_set.selections if selection_set else ():
             if isinstance(selection, FieldNode):
-                d, a = self.selections(selection.selection_set)
-                depth, aliases = max(depth, d + 1), aliases + a + (selection.alias is not None)
+                size = size.join(self.field(selection))
             elif isinstance(selection, InlineFragmentNode):
-                d, a = self.selections(selection.selection_set)
-                depth, aliases = max(depth, d), aliases + a
+                size = size.join(self.selections(selection.selection_set))
             elif isinstance(selection, FragmentSpreadNode):
-                d, a = self.fragment(selection.name.value)
-                depth, aliases = max(depth, d), aliases + a
-        return depth, aliases
+                size = size.join(self.fragment(selection.name.value))
+        return size
 
-    def fragment(self, name: str) -> tuple[int, int]:
+    def field(self, node: FieldNode) -> _Size:
+        inner = self.selections(node.selection_set)
+        name, alias = node.name.value, node.alias is not None
+        if name in INTROSPECTION_ROOTS:
+            worst = (max(inner.worst[0], inner.lists), max(inner.worst[1], inner.of_type))
+            return _Size(1, inner.aliases + alias, inner.roots + 1, 0, 0, worst)
+        return _Size(inner.depth + 1, inner.aliases + alias, inner.roots,
+                     inner.lists + (name in INTROSPECTION_LISTS), inner.of_type + (name == "ofType"), inner.worst)
+
+    def fragment(self, name: str) -> _Size:
         if name in self.memo:
             return self.memo[name]
         definition = self.fragments.get(name)
         if definition is None or name in self.visiting:
-            return 0, 0  # unknown or cyclic: validation says so
+            return _EMPTY  # unknown or cyclic: validation says so
         self.visiting.add(name)
         self.memo[name] = self.selections(definition.selection_set)
         self.visiting.discard(name)

@@ -7,7 +7,11 @@ the field's path, so raising one of these in a resolver yields
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, cast
+
+from graphql import GraphQLError
+from strawberry.exceptions import StrawberryGraphQLError
 
 __all__ = [
     "GatewayError",
@@ -24,7 +28,10 @@ __all__ = [
     "Refused",
     "OutOfStock",
     "PaymentDeclined",
+    "format_errors",
 ]
+
+log = logging.getLogger("bookvault.gateway")
 
 
 class GatewayError(Exception):
@@ -135,3 +142,21 @@ class UpstreamRejected(UpstreamBadResponse):
         self.status = status
         self.error_code = error_code
         self.error_message = error_message
+
+
+def _unexpected(error: GraphQLError) -> bool:
+    original = error.original_error
+    return original is not None and not isinstance(original, (GatewayError, GraphQLError, StrawberryGraphQLError))
+
+
+def format_errors(errors: list[GraphQLError]) -> list[dict[str, Any]]:
+    """The errors as the client sees them: an error that is neither the client's nor a
+    service's is a bug, answered with a generic message (the details go to the log)."""
+    out = []
+    for error in errors:
+        if _unexpected(error):
+            log.error("internal error at %s", error.path, exc_info=error.original_error)
+            error = GraphQLError("Internal error", error.nodes, error.source, error.positions, error.path,
+                                 extensions={"code": "INTERNAL_SERVER_ERROR"})
+        out.append(cast(dict[str, Any], error.formatted))
+    return out

@@ -30,7 +30,7 @@ from .execute import Fetched, execute_plan
 from .live import Feed, Live
 from .resilience import Deadline
 from .source import Binding, EntitySource, Reader, Stale
-from .view import format_errors
+from .errors import format_errors
 
 __all__ = ["LiveHub", "Sink", "Subscription", "TooManySubscriptions"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from graphql import (
@@ -25,7 +25,6 @@ from graphql import (
     GraphQLError,
     GraphQLSchema,
     OperationDefinitionNode,
-    OperationType,
     Visitor,
     print_ast,
     value_from_ast,
@@ -33,14 +32,12 @@ from graphql import (
 )
 from graphql.execution.values import VariableValues, get_variable_values
 
-from .documents import Document
+from .cost import CostAnalyzer
+from .documents import Document, DocumentCache
 from .errors import BadUserInput, GatewayError
-from .plan import Plan
+from .plan import Plan, Planner
 from .relations import int_id
 from .source import Binding, Reader
-
-if TYPE_CHECKING:
-    from .view import GraphQLView
 
 __all__ = ["LIVE", "Live", "Feed", "declared", "follow", "prepare"]
 
@@ -123,49 +120,39 @@ def _coerce(schema: Any, document: Document, live: Live, variables: dict[str, An
     return coerced
 
 
-async def prepare(view: GraphQLView, text: str, variables: dict[str, Any], operation_name: str | None
+async def prepare(documents: DocumentCache, costs: CostAnalyzer, planner: Planner, document: Document,
+                  operation: OperationDefinitionNode, variables: dict[str, Any], coerced: VariableValues
                   ) -> Feed | list[GraphQLError]:
-    """A subscription request as a `Feed`, or the errors that refuse it (before anything is read)."""
-    document = await view.documents.load(text)
-    if document.errors or document.node is None:
-        return document.errors
-    operation = document.operation(operation_name)
-    if isinstance(operation, GraphQLError):
-        return [operation]
-    if operation.operation is not OperationType.SUBSCRIPTION:
-        return [_refusal("only subscriptions are served here; send queries and mutations over HTTP")]
+    """An admitted subscription (gateway/pipeline.py) as a `Feed`, or the errors that refuse
+    it: its payload's query goes through the same document cache, cost and planner."""
     root = operation.selection_set.selections
     if len(root) != 1 or not isinstance(root[0], FieldNode) or root[0].directives:
         return [_refusal("a subscription selects exactly one field, without directives or fragments")]
     node = root[0]
-    subscription = view.schema._schema.subscription_type
+    schema = documents.schema
+    subscription = schema.subscription_type
     field_def = subscription.fields.get(node.name.value) if subscription is not None else None
     definition = field_def.extensions.get("strawberry-definition") if field_def is not None else None
     live: Live | None = (definition.metadata or {}).get(LIVE) if definition is not None else None
-    if live is None:
+    if live is None or field_def is None:
         return [_refusal(f"{node.name.value} is not a live field")]
-    query = _as_query(document, operation, node, live)
-    planned = await view.documents.load(query)
+    planned = await documents.load(_as_query(document, operation, node, live))
     if planned.errors:
         return planned.errors
-    schema = view.schema._schema
     key = None
     try:
         if live.arg is not None:
-            coerced = get_variable_values(schema, operation.variable_definitions or (), variables)
-            if not isinstance(coerced, VariableValues):
-                return _coded(coerced, "BAD_USER_INPUT")
             args = {a.name.value: a for a in node.arguments or ()}
-            key = int_id(value_from_ast(args[live.arg].value, field_def.args[live.arg].type, coerced.coerced))  # type: ignore[union-attr]
+            key = int_id(value_from_ast(args[live.arg].value, field_def.args[live.arg].type, coerced.coerced))
         values = _coerce(schema, planned, live, variables, key or 1)
     except GatewayError as exc:
         return [GraphQLError(str(exc), extensions=exc.extensions)]
     query_operation = planned.operation(None)
     assert isinstance(query_operation, OperationDefinitionNode)
-    cost = view.costs.cost(planned, query_operation, values)
+    cost = costs.cost(planned, query_operation, values)
     if isinstance(cost, GraphQLError):
         return [cost]
-    plan = view.planner.plan(planned, query_operation, values)
+    plan = planner.plan(planned, query_operation, values)
     if plan is None:
         return [_refusal("this selection cannot be followed live (introspection or abstract types)")]
     bindings = {id(f.relation.binding) for g in plan.groups for f in g.fields if f.relation is not None}
@@ -210,9 +197,3 @@ def _fragments(document: Document, node: FieldNode) -> list[FragmentDefinitionNo
 
 def _refusal(message: str) -> GraphQLError:
     return GraphQLError(message, extensions={"code": "BAD_REQUEST"})
-
-
-def _coded(errors: list[GraphQLError], code: str) -> list[GraphQLError]:
-    for error in errors:
-        error.extensions = {**(error.extensions or {}), "code": code}
-    return errors

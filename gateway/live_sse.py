@@ -1,86 +1,74 @@
-"""Subscriptions over Server-Sent Events: the graphql-sse protocol's "distinct connections
-mode" (github.com/enisdenjo/graphql-sse, PROTOCOL.md), served by the live hub
-(ARCHITECTURE.md, "Live updates"). strawberry 0.341 speaks graphql-sse too, but runs each
-subscriber through graphql-core; the hub shares one read and one shaping per change.
+"""Server-Sent Events: the graphql-sse protocol's "distinct connections mode"
+(github.com/enisdenjo/graphql-sse, PROTOCOL.md). The HTTP adapter (gateway/view.py) sends
+here what the operation pipeline admitted: a subscription, served by the live hub
+(ARCHITECTURE.md, "Live updates"); or, for a client that accepts only event streams, one
+query's answer. strawberry speaks graphql-sse too, but runs each subscriber through
+graphql-core; the hub shares one read and one shaping per change.
 
-A POST to /graphql with ``Accept: text/event-stream`` (or a GET with the parameters in the
-URL, for EventSource) answers one stream: ``event: next`` per message, ``event: complete``
-when the subscription ends (refused, the gateway stopping). A refusal (bad document,
-UNAUTHENTICATED, FORBIDDEN...) is a `next` with the errors, then `complete`: EventSource
-would take a 4xx for a reason to give up. A comment line every `live_heartbeat` seconds
-keeps idle streams open; a reader slower than `live_queue` messages is cut off."""
+The stream is ``event: next`` per message and ``event: complete`` when it ends (refused,
+the gateway stopping). A refusal (bad document, UNAUTHENTICATED, FORBIDDEN...) is a `next`
+with the errors, then `complete`: EventSource would take a 4xx for a reason to give up.
+A comment line every `live_heartbeat` seconds keeps idle streams open; a reader slower
+than `live_queue` messages is cut off."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from graphql import GraphQLError
-from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from .auth import caller_of
+from .auth import Caller
 from .errors import GatewayError
 from .hub import Subscription
-from .live import prepare
+from .live import Feed
 from .outbox import Outbox
-from .persisted import PersistedQueryError
-from .state import gateway_state
-from .view import GraphQLView, RequestError, _capped, _read, format_errors
+from .errors import format_errors
+from .state import GatewayState
 
-__all__ = ["EVENT_STREAM", "EventStream", "Streams", "serve_sse", "wants_events"]
+__all__ = ["EVENT_STREAM", "Framing", "serve_sse", "sse_answer", "sse_refusal", "stream_feed"]
 
 EVENT_STREAM = "text/event-stream"
-COMPLETE = b"event: complete\ndata:\n\n"
-_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]  # proxies: pass each event on at once
 
 
-def wants_events(scope: Scope) -> bool:
-    for key, value in scope["headers"]:
-        if key == b"accept":
-            return EVENT_STREAM.encode() in value
-    return False
+@dataclass(frozen=True)
+class Framing:
+    """How a subscription's messages are written on an HTTP stream: graphql-sse's events
+    here, Apollo's multipart parts in gateway/live_multipart.py."""
 
-
-class Streams:
-    """/graphql over HTTP: event streams to `events`, the rest (one answer each) to `queries`."""
-
-    def __init__(self, events: ASGIApp, queries: ASGIApp) -> None:
-        self.events, self.queries = events, queries
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if wants_events(scope) and scope["method"] in ("GET", "POST"):
-            await self.events(scope, receive, send)
-        else:
-            await self.queries(scope, receive, send)
-
-
-class EventStream:
-    """The graphql-sse endpoint (ASGI) over the view's document cache and planner."""
-
-    def __init__(self, view: GraphQLView) -> None:
-        self.view = view
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_sse(self.view, scope, receive, send)
+    headers: list[tuple[bytes, bytes]]
+    next: Callable[[bytes], bytes]  # a payload ({"data", "errors"?}) as sent
+    error: Callable[[bytes], bytes]  # the errors ({"errors": [...]}) that end the subscription
+    complete: bytes  # the end of the stream
+    heartbeat: bytes  # written when idle for `live_heartbeat` seconds
+    start: bytes = b""  # written before the first message
 
 
 def _next(payload: bytes) -> bytes:
     return b"event: next\ndata: " + payload + b"\n\n"
 
 
-class _Sink:
-    __slots__ = ("outbox", "dropped", "streaming")
+SSE = Framing(
+    headers=[(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+             (b"x-accel-buffering", b"no")],  # proxies: pass each event on at once
+    next=_next, error=_next, complete=b"event: complete\ndata:\n\n", heartbeat=b":\n\n")
 
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox, self.dropped = outbox, False
+
+class _Sink:
+    __slots__ = ("outbox", "framing", "dropped", "streaming")
+
+    def __init__(self, outbox: Outbox, framing: Framing) -> None:
+        self.outbox, self.framing, self.dropped = outbox, framing, False
         self.streaming: asyncio.Task[None] | None = None
 
     def next(self, payload: bytes) -> bool:
-        if self.outbox.put(_next(payload)):
+        if self.outbox.put(self.framing.next(payload)):
             return True
         self.dropped = True  # a slow consumer: the stream is cut off where it is, no `complete`
         if self.streaming is not None:
@@ -89,8 +77,9 @@ class _Sink:
 
     def end(self, error: GatewayError | None) -> None:
         if error is not None:
-            self.outbox.put(_next(_errors([GraphQLError(str(error), extensions=error.extensions)])), last=False)
-        self.outbox.put(COMPLETE, last=True)
+            errors = [GraphQLError(str(error), extensions=error.extensions)]
+            self.outbox.put(self.framing.error(_errors(errors)), last=False)
+        self.outbox.put(self.framing.complete, last=True)
 
     async def closed(self) -> None:
         if self.streaming is not None:
@@ -101,35 +90,42 @@ def _errors(errors: list[GraphQLError]) -> bytes:
     return orjson.dumps({"errors": format_errors(errors)})
 
 
-async def serve_sse(view: GraphQLView, scope: Scope, receive: Receive, send: Send) -> None:
-    state = gateway_state(Request(scope))
-    request = Request(scope, _capped(receive, view.settings.max_request_bytes))
-    try:
-        params = await _read(request)
-        text, _ = await view.query_text(params)
-    except (RequestError, PersistedQueryError) as exc:
-        body = {"errors": [{"message": exc.message, "extensions": {"code": exc.code}}]}
-        await Response(orjson.dumps(body), exc.status, media_type="application/json")(scope, receive, send)
-        return
-    outbox = Outbox(view.settings.live_queue)
-    sink = _Sink(outbox)
+def _headers(framing: Framing) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in framing.headers}
+
+
+def sse_refusal(errors: list[GraphQLError]) -> Response:
+    """A refused operation as a stream: its errors as one `next`, then `complete`."""
+    return Response(_next(_errors(errors)) + SSE.complete, headers=_headers(SSE))
+
+
+def sse_answer(body: dict[str, Any]) -> Response:
+    """A query's or mutation's answer as a stream: one `next`, then `complete`."""
+    return Response(_next(orjson.dumps(body)) + SSE.complete, headers=_headers(SSE))
+
+
+async def serve_sse(state: GatewayState, feed: Feed, caller: Caller | None, scope: Scope, receive: Receive,
+                    send: Send) -> None:
+    await stream_feed(state, feed, caller, receive, send, SSE)
+
+
+async def stream_feed(state: GatewayState, feed: Feed, caller: Caller | None, receive: Receive, send: Send,
+                      framing: Framing) -> None:
+    """The admitted subscription `feed`, streamed until it ends or the client leaves."""
+    assert state.live is not None
+    outbox = Outbox(state.settings.live_queue)
+    sink = _Sink(outbox, framing)
     subscription: Subscription | None = None
     try:
-        feed = await prepare(view, text, params.variables, params.operation_name)
-        if isinstance(feed, list):
-            refusal = feed
-        else:
-            subscription = await state.live.subscribe(feed, caller_of(scope), sink)
-            refusal = None
+        subscription = await state.live.subscribe(feed, caller, sink)
     except GatewayError as exc:
-        refusal = [GraphQLError(str(exc), extensions=exc.extensions)]
-    if refusal is not None:
-        outbox.put(_next(_errors(refusal)))
-        outbox.put(COMPLETE, last=True)
-    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        sink.end(exc)
+    await send({"type": "http.response.start", "status": 200, "headers": framing.headers})
+    if framing.start:
+        await send({"type": "http.response.body", "body": framing.start, "more_body": True})
     gone = asyncio.create_task(_disconnected(receive))
     gone.add_done_callback(lambda _: outbox.end())  # a client that left: stop at once
-    sink.streaming = asyncio.create_task(_stream(outbox, send))
+    sink.streaming = asyncio.create_task(_stream(outbox, send, framing.heartbeat))
     try:
         await asyncio.gather(sink.streaming, return_exceptions=True)
     finally:
@@ -140,10 +136,10 @@ async def serve_sse(view: GraphQLView, scope: Scope, receive: Receive, send: Sen
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _stream(outbox: Outbox, send: Send) -> None:
+async def _stream(outbox: Outbox, send: Send, heartbeat: bytes) -> None:
     while (message := await outbox.get()) is not None:
         outbox.sending = True
-        await send({"type": "http.response.body", "body": message or b":\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": message or heartbeat, "more_body": True})
         outbox.sending = False
 
 

@@ -22,12 +22,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .auth import Caller, bearer, caller_of
 from .config import Settings
-from .errors import GatewayError
+from .errors import GatewayError, format_errors
 from .hub import LiveHub, Subscription
-from .live import prepare
 from .outbox import Outbox
-from .state import gateway_state
-from .view import GraphQLView, format_errors
+from .pipeline import Params, Pipeline, Refused
+from .resilience import Deadline
+from .state import GatewayState, gateway_state
+from .telemetry import operation_span
 
 __all__ = ["PROTOCOL", "SLOW_CONSUMER", "serve_websocket"]
 
@@ -62,8 +63,9 @@ class _Sink:
 
 
 class _Connection:
-    def __init__(self, websocket: WebSocket, view: GraphQLView, hub: LiveHub, settings: Settings) -> None:
-        self.websocket, self.view, self.hub, self.settings = websocket, view, hub, settings
+    def __init__(self, websocket: WebSocket, pipeline: Pipeline, state: GatewayState, hub: LiveHub,
+                 settings: Settings) -> None:
+        self.websocket, self.pipeline, self.state, self.hub, self.settings = websocket, pipeline, state, hub, settings
         self.caller: Caller | None = caller_of(websocket.scope)
         self.acked = False
         self.subscriptions: dict[str, Subscription | None] = {}  # None: being set up
@@ -174,7 +176,7 @@ class _Connection:
         if not self.acked:
             return self.close(4401, "Unauthorized")
         id, payload = message.get("id"), message.get("payload")
-        if not isinstance(id, str) or not id or not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+        if not isinstance(id, str) or not id or not isinstance(payload, dict):
             return self.close(4400, "Invalid subscribe message")
         if id in self.subscriptions:
             return self.close(4409, f"Subscriber for {id[:64]} already exists")
@@ -189,21 +191,34 @@ class _Connection:
         task.add_done_callback(self.starting.discard)
 
     async def _start(self, id: str, payload: dict[str, Any]) -> None:
-        variables = payload.get("variables") or {}
-        name = payload.get("operationName")
+        """An operation through the pipeline, as every transport's: a subscription is
+        followed; a query or mutation (graphql-ws serves any operation) is answered with one
+        `next`, then `complete`."""
+        deadline = Deadline.for_request(self.settings.resilience.deadline)
+        client = self.websocket.client
         try:
-            if not isinstance(variables, dict) or not (name is None or isinstance(name, str)):
-                raise GatewayError("variables must be an object and operationName a string")
-            feed = await prepare(self.view, payload["query"], variables, name)
-            if isinstance(feed, list):
-                errors = feed
-            else:
-                subscription = await self.hub.subscribe(feed, self.caller, _Sink(self, id))
-                if self.subscriptions.get(id, False) is None and self.closing is None:
-                    self.subscriptions[id] = subscription
+            with operation_span() as span:
+                operation = await self.pipeline.admit(Params.of(payload), state=self.state, caller=self.caller,
+                                                      client=client.host if client else None, deadline=deadline,
+                                                      span=span, method="WS")
+                if operation.feed is None:
+                    context = self.pipeline.context(self.websocket, self.state, self.caller, deadline)
+                    answer = await self.pipeline.answer(operation, context, span)
+                    assert isinstance(answer, dict)  # no parts over a WebSocket: @defer is ignored
+                    if self.subscriptions.pop(id, False) is None:
+                        self.queue(b'{"id":' + orjson.dumps(id) + b',"type":"next","payload":' + orjson.dumps(answer)
+                                   + b"}")
+                        self.queue(b'{"id":' + orjson.dumps(id) + b',"type":"complete"}')
                     return
-                self.hub.leave(subscription)  # completed or closed meanwhile
+                span.outcome = "subscription"
+            subscription = await self.hub.subscribe(operation.feed, self.caller, _Sink(self, id))
+            if self.subscriptions.get(id, False) is None and self.closing is None:
+                self.subscriptions[id] = subscription
                 return
+            self.hub.leave(subscription)  # completed or closed meanwhile
+            return
+        except Refused as refused:
+            errors = refused.errors
         except GatewayError as exc:
             errors = [GraphQLError(str(exc), extensions=exc.extensions)]
         except Exception as exc:  # a bug: masked, logged by format_errors
@@ -222,5 +237,6 @@ async def serve_websocket(websocket: WebSocket) -> None:
         await websocket.close(1002, f"only the {PROTOCOL} subprotocol is spoken here")  # before accept: HTTP 403
         return
     state = gateway_state(websocket)
+    assert state.live is not None
     await websocket.accept(PROTOCOL)
-    await _Connection(websocket, websocket.app.state.graphql, state.live, state.settings).run()
+    await _Connection(websocket, websocket.app.state.graphql, state, state.live, state.settings).run()

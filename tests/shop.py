@@ -308,3 +308,13 @@ class SlowFeed(httpx.AsyncBaseTransport):
             await response.aread()
             await asyncio.sleep(self.delay)  # the lag itself, not a wait for an event
         return response
+
+
+async def health_latencies(client: httpx.AsyncClient, pending: asyncio.Future[Any]) -> list[float]:
+    """/healthz asked again and again until `pending` is done (at least once): each answer's latency."""
+    latencies: list[float] = []
+    while not pending.done() or not latencies:
+        started = time.perf_counter()
+        assert (await client.get("/healthz")).status_code == 200
+        latencies.append(time.perf_counter() - started)
+    return latencies

@@ -39,7 +39,8 @@ from gateway.plan import Planner
 from gateway.relations import Loaders
 from gateway.resilience import Resilience, partial_result
 from gateway.upstream import Upstream
-from gateway.view import execute_reference, format_errors
+from gateway.errors import format_errors
+from gateway.pipeline import execute_reference
 from incremental import merged
 from schema import BINDINGS, Query
 
