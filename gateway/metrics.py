@@ -133,7 +133,7 @@ class Metrics:
             "bookvault_cache_stale_served_total", "Entities served stale because their service failed",
             ["entity"], registry=registry)
         self.requests = _Plain(
-            "bookvault_graphql_requests", "GraphQL requests by outcome: complete, partial (data and errors), error",
+            "bookvault_graphql_requests", "GraphQL requests by outcome: complete, partial (data and errors), error, subscription (an HTTP stream)",
             ["outcome"])
         self.consistency = Counter(
             "bookvault_consistency_checks_total",

@@ -188,7 +188,8 @@ class TelemetryMiddleware:
                     span.set_status(trace.StatusCode.ERROR)
                 if outcome:  # a GraphiQL page is no GraphQL request
                     telemetry.metrics.child(telemetry.metrics.requests, outcome).inc()
-                    telemetry.metrics.duration.observe(seconds)
+                    if outcome != "subscription":  # a stream's life is not a request's latency
+                        telemetry.metrics.duration.observe(seconds)
                 request_log(traceId=trace_id, method=scope["method"], path=scope["path"], status=status,
                             operation=request.operation, operationType=request.operation_type, outcome=outcome,
                             durationMs=round(seconds * 1000, 2), upstreamCalls=request.upstream_calls)
