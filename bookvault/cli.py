@@ -13,11 +13,40 @@ from gateway.config import Settings
 SECRET_FILE = "jwt-secret"  # in the data directory: the demo's HS256 secret, kept across restarts
 
 
+def _databases(template: str | None) -> dict[str, str]:
+    """Each service's database URL, where one is configured (README, "The services"): its own
+    BOOKVAULT_<SERVICE>_DATABASE_URL, else `template` (--database-url, else
+    BOOKVAULT_DATABASE_URL) with {service} replaced. Raises StartupError on a bad one."""
+    from gateway.config import DEFAULT_PORTS
+    from mock_services.app import configured_database
+
+    urls = {name: configured_database(name, os.environ, template) for name in DEFAULT_PORTS}
+    return {name: url for name, url in urls.items() if url}
+
+
 def _services(args: argparse.Namespace, settings: Settings):  # type: ignore[no-untyped-def]
     from mock_services.runner import service_children
 
     urls = {name: svc.url for name, svc in settings.services.items()}
-    return service_children(urls, args.data_dir or settings.data_dir, args.scale, args.admin)
+    return service_children(urls, args.data_dir or settings.data_dir, args.scale, args.admin,
+                            databases=_databases(args.database_url))
+
+
+def _setup_postgres(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from mock_services.pgsetup import setup
+
+    databases = _databases(args.database_url)
+    missing = [name for name in Settings.from_env().services if name not in databases]
+    if missing:
+        print(f"no database URL for {', '.join(missing)}: pass --database-url "
+              "'postgresql+asyncpg://bv_{service}@HOST/bv_{service}' or set BOOKVAULT_<SERVICE>_DATABASE_URL",
+              file=sys.stderr)
+        return 2
+    for line in asyncio.run(setup(args.admin_url, databases)):
+        print(line)
+    return 0
 
 
 def demo_secret(data_dir: str, create: bool) -> str | None:
@@ -59,6 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--scale", type=int, default=1, help="demo data size (1: 2,000 books, 5,000 orders)")
         sub.add_argument("--data-dir", help="where the services keep their SQLite files (default: ./data)")
         sub.add_argument("--admin", action="store_true", help="enable /_admin faults and stats on the services")
+        sub.add_argument("--database-url", metavar="TEMPLATE",
+                         help="each service's database: a SQLAlchemy URL with {service} in it, e.g. "
+                              "'postgresql+asyncpg://bv_{service}@127.0.0.1/bv_{service}' (default: "
+                              "BOOKVAULT_DATABASE_URL; BOOKVAULT_<SERVICE>_DATABASE_URL wins for one service; "
+                              "none: SQLite files in the data directory)")
+        if name == "services":
+            tasks = sub.add_subparsers(dest="task")
+            setup = tasks.add_parser("setup-postgres", help="create a role and a database per service on PostgreSQL; "
+                                                            "only that role may connect to it")
+            setup.add_argument("--admin-url", required=True,
+                               help="a superuser's (or CREATEROLE and CREATEDB) URL, e.g. "
+                                    "postgresql://postgres@127.0.0.1/postgres (a password may come from PGPASSWORD)")
+            # SUPPRESS: given before `setup-postgres`, the services' own --database-url is kept.
+            setup.add_argument("--database-url", metavar="TEMPLATE", default=argparse.SUPPRESS,
+                               help="the services' database URLs, as for `bookvault services`; each names the "
+                                    "service's role, its password (if any) and its database")
     commands.add_parser("gateway", help="start the gateway")
     sub = commands.add_parser("token", help="print a signed token (HS256) for the demo: paste it into GraphiQL's "
                                             "headers as {\"Authorization\": \"Bearer <token>\"}")
@@ -75,10 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
 
+    if args.command in ("services", "demo"):
+        from mock_services.errors import StartupError
+
+        try:
+            if args.command == "services" and args.task == "setup-postgres":
+                return _setup_postgres(args)
+            children = _services(args, settings)
+        except StartupError as exc:
+            print(f"bookvault {args.command}: {exc}", file=sys.stderr)
+            return 2
     if args.command == "services":
         from mock_services.runner import supervise
 
-        return supervise(_services(args, settings))
+        return supervise(children)
     if args.command == "demo":
         from mock_services.runner import Child, supervise
 
@@ -88,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["BOOKVAULT_JWT_SECRET"] = demo_secret(args.data_dir or settings.data_dir, create=True) or ""
         gateway = Child("gateway", [sys.executable, "-m", "bookvault.cli", "gateway"], url, tier=1,
                         port_variable="BOOKVAULT_PORT")
-        return supervise(_services(args, settings) + [gateway], banner=f"GraphiQL: {url}/graphql  ")
+        return supervise(children + [gateway], banner=f"GraphiQL: {url}/graphql  ")
     if args.command == "gateway":
         from bookvault.app import create_app
         from gateway.logs import configure
@@ -97,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         configure()  # one JSON line per request, on stderr
         # On SIGTERM/Ctrl-C: subscriptions are ended (gateway/serve.py), in-flight requests
         # finish (each is bounded by its deadline), then the lifespan ends the change-feed
-        # long-polls; past the grace period uvicorn cancels.
+        # long-polls; past the grace period uvicorn cancels. Every connection is bounded by
+        # settings.connections (gateway/connections.py).
         grace = settings.resilience.deadline + 1
-        serve(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+        serve(create_app(settings), settings=settings, host=settings.host, port=settings.port, log_level="warning",
               timeout_graceful_shutdown=grace)
         return 0
     if args.command == "token":

@@ -5,8 +5,10 @@ L2, so a change is served fresh within one feed round trip, not after a TTL.
 The cursor is kept in Redis beside the entries it protects, so a restart resumes where
 the instances left off. With memory only there is nothing to resume: a new process
 starts with an empty cache, so it starts at the feed's head. A gap (the feed's head is
-behind our cursor, or it skipped seqs) drops that service's entries; a feed that cannot
-be read makes them untrusted, so they are revalidated before being served as fresh.
+behind our cursor, or a page is not the seqs right after it, with a hole anywhere) drops
+that service's entries; a feed that cannot be read makes them untrusted, so they are
+revalidated before being served as fresh. An instance is ready once each feed has caught up
+with the head it had at the start (`following`).
 
 An entity cached under another entity's key (a payment under its order's id) is found by
 the key its events carry (`orderId`), and its slot is ordered by feed position rather than
@@ -42,6 +44,14 @@ class FeedListener(Protocol):
         """A gap in the feed: any of the service's entities may have changed unannounced."""
 
 
+def _continuous(events: Sequence[Mapping[str, Any]], cursor: int, following: int) -> bool:
+    """The page is the seqs right after `cursor`, with none left out, and `next` is its last:
+    a hole anywhere in it is a gap, not only before its first event (the services number their
+    events densely in commit order, so a hole means events this page does not show; issue 24)."""
+    seqs = [event.get("seq") if isinstance(event, Mapping) else None for event in events]
+    return seqs == list(range(cursor + 1, cursor + 1 + len(seqs))) and following == cursor + len(seqs)
+
+
 class FeedFollower:
     def __init__(
         self,
@@ -67,6 +77,10 @@ class FeedFollower:
         self.derived = {entity: tuple(pairs) for entity, pairs in (derived or {}).items()}
         self.listeners = tuple(listeners)
         self.cursors: dict[str, int] = {}
+        # The head each feed had when it was started: until the cursor reaches it, the cache
+        # may hold entries of changes made while no instance followed (`following`).
+        self.heads: dict[str, int] = {}
+        self._failing: set[str] = set()  # feeds whose last read failed: their entries are distrusted
         self._advanced = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -79,10 +93,18 @@ class FeedFollower:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def following(self, service: str) -> Callable[[], Awaitable[bool]]:
-        """A readiness check: has `service`'s feed a cursor yet?"""
+        """A readiness check: has `service`'s feed caught up with the head it had when this
+        instance started? Before that, an entry in Redis can be of a change made while every
+        instance was down, whose event is still to be applied: a restarted gateway served a
+        book's old title once in 2 of 23 restarts while it said it was ready (issue 24). A
+        feed that cannot be read passes: its entries are distrusted (revalidated before being
+        served as fresh) for as long as it fails, so it holds no such window."""
 
         async def check() -> bool:
-            return service in self.cursors
+            if service in self._failing:
+                return True
+            head = self.heads.get(service)
+            return head is not None and self.cursors.get(service, -1) >= head
 
         return check
 
@@ -123,11 +145,13 @@ class FeedFollower:
                     log.warning("cannot read the %s change feed, its cached entries will be revalidated: %s", service, exc)
                     healthy = False
                 self.cache.distrust(service)
+                self._failing.add(service)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay, healthy = 0.2, True
-            if latest < cursor or (events and events[0]["seq"] != cursor + 1):
+            self._failing.discard(service)
+            if latest < cursor or not _continuous(events, cursor, following):
                 log.warning("gap in the %s change feed (cursor %s, head %s): dropping its cached entries",
                             service, cursor, latest)
                 await self.cache.drop(service, self.entities[service])
@@ -180,6 +204,7 @@ class FeedFollower:
                 # Entries in Redis with no cursor to vouch for them may have missed changes.
                 await self.cache.drop(service, self.entities[service])
         start = latest if saved is None or saved > latest else saved
+        self.heads[service] = latest
         await self._advance(service, start)
         return start
 

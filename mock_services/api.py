@@ -13,13 +13,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .models import Error
+from .patterns import ID, IDS
 
 __all__ = ["Api", "query_param", "path_param", "batch_of", "ref"]
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-# At most 18 digits: what params.parse_id accepts (ids fit a signed 64-bit integer).
-ID_PATTERN = r"^[1-9][0-9]{0,17}$"
-IDS_PATTERN = r"^[1-9][0-9]{0,17}(,[1-9][0-9]{0,17})*$"
+# What params.parse_id and parse_ids check, with the same ECMA-262 semantics (patterns.py).
+ID_PATTERN = ID.source
+IDS_PATTERN = IDS.source
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:

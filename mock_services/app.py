@@ -13,6 +13,8 @@ from typing import Any
 
 from opentelemetry.trace import TracerProvider
 from sqlalchemy import MetaData, Table, insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,7 +25,7 @@ from .api import Api, query_param
 from .context import Context
 from .db import Database, EventKey, now_iso
 from .demo_data import Shop, shop
-from .errors import BadRequest, exception_handlers
+from .errors import BadRequest, StartupError, exception_handlers
 from .models import EventPage, Meta
 from .params import parse_int
 from .position import FeedPosition
@@ -31,7 +33,7 @@ from .responses import JSONResponse
 from .runner import instance_headers
 from .telemetry import ServerSpans, trace_queries, tracer_provider_from_env
 
-__all__ = ["ServiceSpec", "create_app", "database_url"]
+__all__ = ["ServiceSpec", "configured_database", "create_app", "database_env", "database_url", "prepare_database"]
 
 VERSION = "0.1.0"
 MAX_WAIT_S = 30.0
@@ -54,6 +56,55 @@ class ServiceSpec:
 
 def database_url(name: str, data_dir: str | Path) -> str:
     return f"sqlite+aiosqlite:///{Path(data_dir) / f'{name}.db'}"
+
+
+TEMPLATE_ENV = "BOOKVAULT_DATABASE_URL"
+SERVICE_PLACEHOLDER = "{service}"
+
+
+def database_env(name: str) -> str:
+    """The variable naming one service's own database URL."""
+    return f"BOOKVAULT_{name.upper()}_DATABASE_URL"
+
+
+def configured_database(name: str, env: Mapping[str, str], template: str | None = None) -> str | None:
+    """The database URL configured for service `name` (README, "The services"): its own
+    BOOKVAULT_<NAME>_DATABASE_URL, else the template (`template`, else BOOKVAULT_DATABASE_URL)
+    with `{service}` replaced by its name; None: a SQLite file in the data directory. A URL
+    that SQLAlchemy cannot read, or a template without `{service}` (every service on one
+    database), is a StartupError."""
+    template = template or env.get(TEMPLATE_ENV) or None
+    if own := env.get(database_env(name)):
+        url, source = own, database_env(name)
+    elif template:
+        if SERVICE_PLACEHOLDER not in template:
+            raise StartupError(f"the database URL template must contain {SERVICE_PLACEHOLDER}: one database per "
+                               f"service (e.g. postgresql+asyncpg://bv_{{service}}@127.0.0.1/bv_{{service}})")
+        url, source = template.replace(SERVICE_PLACEHOLDER, name), "the database URL template"
+    else:
+        return None
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise StartupError(f"{source} is not a database URL SQLAlchemy can use (e.g. "
+                           f"postgresql+asyncpg://user@host/{name} or sqlite+aiosqlite:///{name}.db)") from None
+    return url
+
+
+async def prepare_database(spec: ServiceSpec, url: str, scale: int = 1) -> str:
+    """Create, migrate or refuse the service's database (as its app's start-up does), then let
+    it go: what was done. A database that cannot be opened is a StartupError naming it."""
+    db = Database(url, spec.metadata, spec.event_keys)
+    try:
+        return await db.create(spec.name, _seeder(spec, scale))
+    except (OSError, SQLAlchemyError) as exc:
+        where = make_url(url).render_as_string(hide_password=True)
+        detail = getattr(exc, "orig", None) or exc  # the driver's own words, not SQLAlchemy's wrapping
+        reason = (str(detail).strip().splitlines() or [type(detail).__name__])[0]
+        raise StartupError(f"{spec.name} cannot open its database {where}: {reason}") from None
+    finally:
+        await db.dispose()
 
 
 def _wait_seconds(raw: str | None) -> float:
@@ -145,7 +196,11 @@ def create_app(
         if database is None:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
         db = Database(url, spec.metadata, spec.event_keys)
-        await db.create(_seeder(spec, scale))
+        try:
+            await db.create(spec.name, _seeder(spec, scale))
+        except BaseException:
+            await db.dispose()
+            raise
         if tracer:  # after seeding: a first start's inserts belong to no request
             for engine in db.sync_engines:
                 trace_queries(engine, tracer, spec.name)

@@ -9,6 +9,7 @@ from .api import Api
 from .app import ServiceSpec
 from .db import BigId, add_outbox
 from .demo_data import Shop
+from .money import CENTS
 from .params import cents, money
 from .resource import Entity, Include, add_patch, add_reads, changes, versioned_table
 
@@ -22,7 +23,7 @@ books = versioned_table(
     "books", metadata,
     Column("id", BigId, primary_key=True), Column("title", String, nullable=False), Column("isbn", String, nullable=False),
     Column("author_id", BigId, ForeignKey("authors.id"), nullable=False),
-    Column("price_cents", Integer, nullable=False), Column("currency", String, nullable=False),
+    Column("price_cents", CENTS, nullable=False), Column("currency", String, nullable=False),
     Column("published_year", Integer, nullable=False),
 )
 AUTHOR = Entity("author", authors, lambda r: {

@@ -35,7 +35,8 @@ from .context import Context, context
 from .db import BigId, Database, Reads, now_iso
 from .errors import Conflict, NotFound, Unavailable, Unprocessable
 from .idempotency import fingerprint, idempotency_key
-from .params import cents, money, parse_id, read_body
+from .money import total_cents
+from .params import money, parse_id, read_body
 from .responses import JSONResponse
 from .upstreams import Unreachable, Upstreams
 
@@ -222,13 +223,18 @@ class Sagas:
         """One call with the step's idempotency key; None when the answer is unknown
         (unreachable, timed out, 5xx, 429)."""
         try:
-            response = await self.upstreams.call(service, method, path, json=json, key=f"saga-{saga.token}-{step}")
+            response = await self.upstreams.call(service, method, path, json=json, key=step_key(saga, step))
         except Unreachable as exc:
             log.info("saga %s step %s: %s", saga.id, step, exc)
             return None
         if response.status_code >= 500 or response.status_code == 429:
             return None
         return response
+
+
+def step_key(saga: Any, step: str) -> str:
+    """The Idempotency-Key of one of the saga's calls (README, "Checkout")."""
+    return f"saga-{saga.token}-{step}"
 
 
 def _unavailable(service: str) -> Step:
@@ -277,9 +283,14 @@ def _items(saga: Any) -> list[dict[str, int]]:
 
 _reserve = _create_step("inventory", "/reservations", "reservation_id",
                         lambda s: {"items": _items(s), "orderId": s.order_id})
-_pay = _create_step("payments", "/payments", "payment_id", lambda s: {
-    "orderId": s.order_id, "amount": money(s.request["totalCents"], s.request["currency"]),
-    "method": s.request["paymentMethod"]})
+
+
+def _payment(saga: Any) -> dict[str, Any]:
+    return {"orderId": saga.order_id, "amount": money(saga.request["totalCents"], saga.request["currency"]),
+            "method": saga.request["paymentMethod"]}
+
+
+_pay = _create_step("payments", "/payments", "payment_id", _payment)
 _ship = _create_step("shipping", "/shipments", "shipment_id",
                      lambda s: {"orderId": s.order_id, "address": s.request["shippingAddress"]})
 
@@ -293,12 +304,42 @@ async def _confirm(sagas: Sagas, saga: Any) -> Step:
     return Step("failed", reason=_error_code(response, "INVENTORY_REJECTED"))
 
 
+async def _undo_pay(sagas: Sagas, saga: Any) -> Step:
+    """Undo the payment step: refund its payment, but only a capture that happened. Whose
+    outcome is unknown (payments failed or was slow), it is not sent again to find out, which
+    captured the payment of an order that was never paid and refunded it 15 ms later, a charge
+    the customer sees (issue 24). Payments is asked what became of the key (POST
+    /payment-voids), which also voids it: a create still on its way with that key is refused
+    and never captures. Only a payment it says was CAPTURED is refunded."""
+    payment_id, learnt = saga.payment_id, {}
+    if payment_id is None:
+        response = await sagas.call("payments", "POST", "/payment-voids", saga, "void-payment",
+                                    {"key": step_key(saga, "payments"), "payment": _payment(saga)})
+        if response is None:
+            return _unavailable("payments")
+        if response.status_code != 200:  # not an answer to act on: keep it owed, and say so
+            log.error("saga %s: payments answered %s to the void of its payment", saga.id, response.status_code)
+            return _unavailable("payments")
+        found = response.json()["payment"]
+        if found is None:
+            return Step("done")  # voided: nothing was charged, nothing ever will be under that key
+        learnt = {"payment_id": found["id"]}
+        if found["status"] != "CAPTURED":
+            return Step("done", learnt)  # declined, or refunded already
+        payment_id = found["id"]
+    response = await sagas.call("payments", "POST", f"/payments/{payment_id}/refund", saga, "refund")
+    if response is None:
+        return Step("unknown", learnt)
+    # 2xx: refunded; 409 (not refundable: it failed) or 404: nothing to undo.
+    return Step("done", learnt)
+
+
 FORWARD_STEPS: dict[str, Callable[[Sagas, Any], Awaitable[Step]]] = {
     "reserve": _reserve, "pay": _pay, "ship": _ship, "confirm": _confirm,
 }
 UNDO: dict[str, Callable[[Sagas, Any], Awaitable[Step]]] = {
     "reserve": _undo_step("inventory", "/reservations", "reservation_id", "release", _reserve),
-    "pay": _undo_step("payments", "/payments", "payment_id", "refund", _pay),
+    "pay": _undo_pay,
     "ship": _undo_step("shipping", "/shipments", "shipment_id", "cancel", _ship),
 }
 
@@ -359,7 +400,8 @@ async def _priced(sagas: Sagas, body: models.CheckoutCreate) -> tuple[list[dict[
         raise Unprocessable("the books are priced in different currencies", code="MIXED_CURRENCY")
     items = [{"bookId": book, "quantity": qty, "unitPrice": books[book]["price"], "titleAtPurchase": books[book]["title"]}
              for book, qty in quantities.items()]
-    return items, sum(cents(i["unitPrice"]["amount"]) * i["quantity"] for i in items), currencies.pop()
+    # 400 AMOUNT_OUT_OF_RANGE past what a Money can say, before the order is written (mock_services/money.py).
+    return items, total_cents(items, "the checkout's total"), currencies.pop()
 
 
 async def _existing(sagas: Sagas, conn: Reads, key: str, stamp: str) -> Any:
@@ -416,21 +458,29 @@ async def get_checkout(request: Request) -> Response:
 
 
 async def cancel_order(request: Request) -> Response:
-    """Cancel a placed or paid order: refund, cancel the shipment, give the stock back."""
+    """Cancel a placed or paid order: refund, cancel the shipment, give the stock back. On an
+    order already CANCELLED whose payment, shipment or stock says otherwise (a cancellation
+    that skipped the saga, issue 24), the same undoes what is left."""
     order_id = parse_id(request.path_params["id"], "id")
     sagas = sagas_running(request)
     t, orders = sagas.table, sagas.orders
     async with sagas.db.read() as conn:
         order = (await conn.execute(select(orders).where(orders.c.id == order_id))).first()
-        checkout = (await conn.execute(select(t).where(t.c.order_id == order_id).order_by(t.c.id.desc()))).first()
+        logged = (await conn.execute(select(t).where(t.c.order_id == order_id).order_by(t.c.id.desc()))).all()
     if order is None:
         raise NotFound(f"order {order_id} not found")
     if order.status == "PENDING":
         raise Conflict(f"order {order_id} is still under checkout", code="CHECKOUT_IN_PROGRESS")
     if order.status not in ("PLACED", "PAID", "CANCELLED"):
         raise Conflict(f"an order that is {order.status} cannot be cancelled", code="NOT_CANCELLABLE")
-    if order.status != "CANCELLED" or (checkout is not None and checkout.status not in SETTLED):
-        saga_id = await _start_cancel(sagas, order, checkout)
+    latest = logged[0] if logged else None
+    if latest is not None and latest.status not in SETTLED:
+        saga_id: int | None = int(latest.id)  # at work on the order already: drive it on
+    elif order.status == "PAID" and latest is not None and latest.kind == "checkout" and latest.status == "COMPLETED":
+        saga_id = await _reopen(sagas, latest)
+    else:
+        saga_id = await _start_cancel(sagas, order, latest, [s.reservation_id for s in logged if s.reservation_id])
+    if saga_id is not None:
         await sagas.settle(saga_id, _wait_s(request))
     async with sagas.db.read() as conn:
         order = (await conn.execute(select(orders).where(orders.c.id == order_id))).one()
@@ -439,45 +489,58 @@ async def cancel_order(request: Request) -> Response:
     return JSONResponse(ORDER.to_json(order), status_code=200 if order.status == "CANCELLED" else 202)
 
 
-async def _start_cancel(sagas: Sagas, order: Any, checkout: Any) -> int:
+async def _reopen(sagas: Sagas, checkout: Any) -> int:
+    """A paid checkout is cancelled by compensating it: everything it did is undone."""
     t = sagas.table
-    if checkout is not None and checkout.kind == "checkout" and checkout.status == "COMPLETED":
-        async with sagas.db.write() as conn:
-            await conn.execute(update(t).where(t.c.id == checkout.id, t.c.status == "COMPLETED").values(
-                status="COMPENSATING", reason="CANCELLED_BY_CUSTOMER", compensations=["reserve", "pay", "ship"],
-                updated_at=now_iso()))
-        return int(checkout.id)
-    if checkout is not None:
-        return int(checkout.id)
-    # Placed without a checkout (the demo data): what it owes is whatever payment and
-    # shipment the other services hold for it.
+    async with sagas.db.write() as conn:
+        await conn.execute(update(t).where(t.c.id == checkout.id, t.c.status == "COMPLETED").values(
+            status="COMPENSATING", reason="CANCELLED_BY_CUSTOMER", compensations=["reserve", "pay", "ship"],
+            updated_at=now_iso()))
+    return int(checkout.id)
+
+
+async def _lookup(sagas: Sagas, service: str, path: str, params: dict[str, str] | None = None) -> httpx.Response:
+    try:
+        response = await sagas.upstreams.call(service, "GET", path, params=params)
+    except Unreachable as exc:
+        raise Unavailable(f"{service} cannot be reached; the order is unchanged", code=f"{service.upper()}_UNAVAILABLE") from exc
+    if response.status_code not in (200, 404):
+        raise Unavailable(f"{service} did not answer; the order is unchanged", code=f"{service.upper()}_UNAVAILABLE")
+    return response
+
+
+async def _start_cancel(sagas: Sagas, order: Any, latest: Any, reservations: list[int]) -> int | None:
+    """A cancel saga owing what the other services still hold for the order: a CAPTURED payment,
+    a PENDING shipment, a HELD or CONFIRMED reservation of one of its checkouts. Placed without
+    a checkout (the demo data), or cancelled past its saga, the order's own record does not say
+    what they are: they are asked. None: a CANCELLED order with nothing left to undo."""
     owed: dict[str, Any] = {}
     for service, path, column, step, live in (("payments", "/payments", "payment_id", "pay", "CAPTURED"),
                                               ("shipping", "/shipments", "shipment_id", "ship", "PENDING")):
-        try:
-            response = await sagas.upstreams.call(service, "GET", path, params={"orderIds": str(order.id)})
-        except Unreachable as exc:
-            raise Unavailable(f"{service} cannot be reached; the order is unchanged",
-                              code=f"{service.upper()}_UNAVAILABLE") from exc
-        if response.status_code != 200:
-            raise Unavailable(f"{service} did not answer; the order is unchanged", code=f"{service.upper()}_UNAVAILABLE")
-        for entity in response.json()["data"]:
+        for entity in (await _lookup(sagas, service, path, {"orderIds": str(order.id)})).json()["data"]:
             if entity["status"] == live:
                 owed[step], owed[column] = True, entity["id"]
+    for reservation in reservations:
+        found = await _lookup(sagas, "inventory", f"/reservations/{reservation}")
+        if found.status_code == 200 and found.json()["status"] in ("HELD", "CONFIRMED"):
+            owed["reserve"], owed["reservation_id"] = True, reservation
+    if not owed and order.status == "CANCELLED":
+        return None
+    # One key per state of the log: a parallel cancel of the same order shares this saga.
+    t, key = sagas.table, f"cancel-order-{order.id}" + (f"-after-{latest.id}" if latest is not None else "")
     now = now_iso()
     try:
         async with sagas.db.write() as conn:
             return int((await conn.execute(insert(t).values(
-                token=uuid.uuid4().hex, idempotency_key=f"cancel-order-{order.id}", fingerprint="", kind="cancel",
+                token=uuid.uuid4().hex, idempotency_key=key, fingerprint="", kind="cancel",
                 order_id=order.id, request={}, status="COMPENSATING", step=None, reason="CANCELLED_BY_CUSTOMER",
-                compensations=[s for s in ("pay", "ship") if s in owed], attempts=0,
-                payment_id=owed.get("payment_id"), shipment_id=owed.get("shipment_id"),
-                created_at=now, updated_at=now,
+                compensations=[s for s in ("reserve", "pay", "ship") if s in owed], attempts=0,
+                reservation_id=owed.get("reservation_id"), payment_id=owed.get("payment_id"),
+                shipment_id=owed.get("shipment_id"), created_at=now, updated_at=now,
             ).returning(t.c.id))).scalar_one())
     except IntegrityError:  # a parallel cancel started it
         async with sagas.db.read() as conn:
-            return int((await conn.execute(select(t.c.id).where(
-                t.c.idempotency_key == f"cancel-order-{order.id}"))).scalar_one())
+            return int((await conn.execute(select(t.c.id).where(t.c.idempotency_key == key))).scalar_one())
 
 
 @contextlib.asynccontextmanager

@@ -20,11 +20,19 @@ from sqlalchemy.engine import Connection, Engine, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
 
+from . import migrations
+
 __all__ = ["BigId", "Database", "EventKey", "Position", "Reads", "now_iso", "add_outbox", "backend_of", "tracking"]
 
 # Ids a path accepts go up to 10**18 - 1 (params.parse_id): 64-bit on PostgreSQL; SQLite's
 # INTEGER is already 64-bit, and must stay INTEGER for its rowid and AUTOINCREMENT.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+# PostgreSQL: the lock every outbox append of a database takes until its commit (`_append`).
+# Advisory locks are per database, so one constant serves every service. 0x62766f7574626f78: "bvoutbox".
+_OUTBOX_LOCK = 0x62766F7574626F78
+_ORDER_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,8 @@ def now_iso() -> str:
 
 
 def add_outbox(metadata: MetaData) -> Table:
-    # AUTOINCREMENT: a seq is never reused, so `seq` is strictly increasing for readers.
+    # Seqs are dense and in commit order (Database._append): AUTOINCREMENT on SQLite, counted
+    # under a lock at the commit on PostgreSQL (its sequence is then left unused).
     return Table(
         "outbox",
         metadata,
@@ -127,18 +136,22 @@ class Database:
         # SQLite has one writer; serialising writes here avoids SQLITE_BUSY churn, and the
         # version bump itself is an atomic `version = version + 1 ... RETURNING`.
         self._write_lock = asyncio.Lock()
+        # The write transaction in progress and the events it emitted, appended at its end.
+        self._collecting: tuple[AsyncConnection, list[dict[str, Any]]] | None = None
         self._changed = asyncio.Event()
         self._stopping = False
 
-    async def create(self, seed: Callable[[AsyncConnection], Awaitable[None]]) -> None:
-        """Create the schema and seed it, in one transaction, when the database is new."""
+    async def create(self, service: str, seed: Callable[[AsyncConnection], Awaitable[None]]) -> str:
+        """Make the database `service`'s, in one transaction: create and seed it when new,
+        migrate it when older, refuse another's (WrongDatabase; mock_services/migrations.py)."""
+
+        async def after_seed(conn: AsyncConnection) -> None:
+            if self.backend == "postgresql":
+                await self._advance_sequences(conn)
+
+        where = make_url(self.url).render_as_string(hide_password=True)
         async with self.write() as conn:
-            existing = await conn.run_sync(lambda sync: sync.dialect.get_table_names(sync))
-            if not existing:
-                await conn.run_sync(self.metadata.create_all)
-                await seed(conn)
-                if self.backend == "postgresql":
-                    await self._advance_sequences(conn)
+            return await migrations.prepare(conn, service, self.metadata, seed, after_seed, where)
 
     async def _advance_sequences(self, conn: AsyncConnection) -> None:
         # Seeding inserts explicit ids, which PostgreSQL's identity sequences do not see;
@@ -182,19 +195,52 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction; the events `emit` collected in it are appended to the
+        outbox last, just before the commit (`_append`)."""
         async with self._write_lock:
             async with self.engine.begin() as conn:
-                yield conn
+                events: list[dict[str, Any]] = []
+                self._collecting = (conn, events)  # the write lock makes it the only one
+                try:
+                    yield conn
+                    await self._append(conn, events)
+                finally:
+                    self._collecting = None
         if (position := _POSITION.get()) is not None:
             position.wrote = True
         self._notify()
 
     async def emit(self, conn: AsyncConnection, entity: str, action: str, entity_id: int, version: int, at: str) -> None:
-        await conn.execute(
-            insert(self.outbox).values(
-                type=f"{entity}.{action}", entity=entity, entity_id=entity_id, version=version, at=at
-            )
-        )
+        """The change's outbox event, committed with it; its seq is given at the commit."""
+        event = {"type": f"{entity}.{action}", "entity": entity, "entity_id": entity_id, "version": version, "at": at}
+        if self._collecting is not None and self._collecting[0] is conn:
+            self._collecting[1].append(event)
+        else:  # a transaction not begun by `write`: append now, in the same order
+            await self._append(conn, [event])
+
+    async def _append(self, conn: AsyncConnection, events: list[dict[str, Any]]) -> None:
+        """Give `events` the next seqs, densely and in commit order (README, "The change feed").
+
+        A reader must never see seq n+1 committed while n is still to come, or it moves its
+        cursor past n for good; and a seq that never commits must not be a hole that reads as
+        missed events. SQLite has one writer: AUTOINCREMENT runs under its write lock, and a
+        rollback takes the number back. On PostgreSQL a sequence does neither (nextval is
+        neither ordered by commit nor rolled back: two writers on one database left a
+        follower 1 to 10 events short of 400, issue 24), so the seqs are counted from the
+        outbox itself under a transaction-scoped advisory lock, taken as the last thing
+        before the commit (nothing else is waited for while holding it, so it cannot
+        deadlock) and released only once the commit is visible. The next writer's
+        `max(seq)`, a statement after it got the lock, sees that commit (READ COMMITTED
+        takes a snapshot per statement), and a rolled-back or killed transaction leaves
+        the count where it was."""
+        if not events:
+            return
+        if self.backend != "postgresql":
+            await conn.execute(insert(self.outbox), events)
+            return
+        await conn.execute(_ORDER_LOCK, {"key": _OUTBOX_LOCK})
+        last = int((await conn.execute(self._head_query)).scalar_one())
+        await conn.execute(insert(self.outbox), [{**event, "seq": last + n} for n, event in enumerate(events, 1)])
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

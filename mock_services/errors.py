@@ -9,8 +9,18 @@ from starlette.requests import Request
 
 from .responses import JSONResponse
 
-__all__ = ["ApiError", "BadRequest", "Conflict", "NotFound", "Unprocessable", "Unavailable", "error_body",
-           "error_response", "exception_handlers"]
+__all__ = ["ApiError", "BadRequest", "Conflict", "NotFound", "StartupError", "Unavailable", "Unprocessable",
+           "WrongDatabase", "error_body", "error_response", "exception_handlers"]
+
+
+class StartupError(Exception):
+    """A service cannot start, for a reason one line says (no traceback): `python -m mock_services`
+    prints it and exits non-zero; in process, the app's lifespan raises it."""
+
+
+class WrongDatabase(StartupError):
+    """The database is not this service's: another service's (its marker says so), a schema
+    newer than this code, or tables that are not the service's (mock_services/migrations.py)."""
 
 
 class ApiError(Exception):

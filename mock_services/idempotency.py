@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +19,15 @@ from starlette.requests import Request
 from .context import context
 from .db import now_iso
 from .errors import BadRequest, Conflict, Unprocessable, error_body
+from .patterns import IDEMPOTENCY_KEY
 from .responses import JSONResponse
 
 __all__ = ["Outcome", "add_idempotency_keys", "fingerprint", "idempotency_key", "idempotent", "IDEMPOTENCY_HEADER"]
 
-_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the draft's sf-string allows
 IDEMPOTENCY_HEADER = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "description": "Repeat the request with the same key to get the first answer again, with no second effect",
-    "schema": {"type": "string", "pattern": r"^[!-~]{1,255}$"},
+    "schema": IDEMPOTENCY_KEY.schema(),
 }
 
 
@@ -61,7 +60,7 @@ def idempotency_key(request: Request, *, required: bool = False) -> str | None:
         if required:
             raise BadRequest("this request needs an Idempotency-Key header", code="IDEMPOTENCY_KEY_REQUIRED")
         return None
-    if not _KEY.fullmatch(key):
+    if not IDEMPOTENCY_KEY.matches(key):
         raise BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters", code="BAD_IDEMPOTENCY_KEY")
     return key
 

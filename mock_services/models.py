@@ -4,11 +4,17 @@ OpenAPI documents are generated from them, so the two cannot drift apart."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-AMOUNT = r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?$"
+from .patterns import Pattern
+
+# Every pattern is ECMA-262 and checked as such (mock_services/patterns.py).
+AMOUNT = Pattern(r"^(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?$")
+# The largest amount AMOUNT allows, in cents: every amount a service stores or computes
+# (prices, order totals, payments) is checked against it before it is written (mock_services/money.py).
+MAX_CENTS = 999_999_999_99
 MAX_ID = 10**18 - 1  # the largest id a path or ?ids= accepts (params.parse_id); fits SQLite's INTEGER
 Tier = Literal["standard", "silver", "gold"]
 # PENDING: under checkout (the saga has not settled yet); PLACED: placed without a checkout.
@@ -17,10 +23,14 @@ PaymentStatus = Literal["PENDING", "CAPTURED", "REFUNDED", "FAILED"]
 ShipmentStatus = Literal["PENDING", "IN_TRANSIT", "DELIVERED", "RETURNED", "CANCELLED"]
 ReservationStatus = Literal["HELD", "CONFIRMED", "RELEASED", "EXPIRED"]
 CheckoutStatus = Literal["RUNNING", "COMPENSATING", "COMPLETED", "CANCELLED"]
-METHOD = r"^[a-z][a-z0-9-]{0,31}$"
+METHOD = Pattern(r"^[a-z][a-z0-9-]{0,31}$")
 # Free text kept in a text column: no U+0000, which PostgreSQL's text type cannot hold (its
 # docs, "Character Types"), so it is a 400 on both backends instead of a 500 on one.
-TEXT = r"^[^\x00]*$"
+TEXT = Pattern(r"^[^\x00]*$")
+# \s is ECMA-262's WhiteSpace and LineTerminator here, as for a client checking the document.
+EMAIL = Pattern(r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$")
+CURRENCY = Pattern(r"^[A-Z]{3}$")
+COUNTRY = Pattern(r"^[A-Z]{2}$")
 
 
 class Strict(BaseModel):
@@ -28,8 +38,8 @@ class Strict(BaseModel):
 
 
 class Money(Strict):
-    amount: str = Field(pattern=AMOUNT, description="Decimal string, never negative")
-    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    amount: Annotated[str, AMOUNT] = Field(description="Decimal string, never negative, at most 999999999.99")
+    currency: Annotated[str, CURRENCY]
 
 
 class Versioned(Strict):
@@ -108,14 +118,14 @@ def _patch_schema(schema: dict[str, Any], model: type) -> None:
 
 class CustomerPatch(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
-    name: str = Field(None, min_length=1, max_length=200, pattern=TEXT)  # type: ignore[assignment]
-    email: str = Field(None, pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$", max_length=254)  # type: ignore[assignment]
+    name: Annotated[str, TEXT] = Field(None, min_length=1, max_length=200)  # type: ignore[assignment]
+    email: Annotated[str, EMAIL] = Field(None, max_length=254)  # type: ignore[assignment]
     tier: Tier = None  # type: ignore[assignment]
 
 
 class BookPatch(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_patch_schema)
-    title: str = Field(None, min_length=1, max_length=500, pattern=TEXT)  # type: ignore[assignment]
+    title: Annotated[str, TEXT] = Field(None, min_length=1, max_length=500)  # type: ignore[assignment]
     price: Money = None  # type: ignore[assignment]
 
 
@@ -153,7 +163,7 @@ class Reservation(Versioned):
 class PaymentCreate(Strict):
     orderId: int = Field(ge=1, le=MAX_ID)
     amount: Money
-    method: str = Field(pattern=METHOD, description='"card-declined" is always declined (402 PAYMENT_DECLINED)')
+    method: Annotated[str, METHOD] = Field(description='"card-declined" is always declined (402 PAYMENT_DECLINED)')
 
 
 class Address(Strict):
@@ -161,7 +171,7 @@ class Address(Strict):
     street: str = Field(min_length=1, max_length=200)
     city: str = Field(min_length=1, max_length=100)
     postalCode: str = Field(min_length=1, max_length=20)
-    country: str = Field(pattern=r"^[A-Z]{2}$")
+    country: Annotated[str, COUNTRY]
 
 
 class ShipmentCreate(Strict):
@@ -173,7 +183,7 @@ class CheckoutCreate(Strict):
     customerId: int = Field(ge=1, le=MAX_ID)
     items: list[LineItem] = Field(min_length=1, max_length=100)
     shippingAddress: Address
-    paymentMethod: str = Field(pattern=METHOD)
+    paymentMethod: Annotated[str, METHOD]
 
 
 class Checkout(Strict):

@@ -7,7 +7,7 @@ time (denormalised on write), because the catalog's current price is not what wa
 import base64
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Integer, MetaData, Select, String, bindparam, func, insert, select
+from sqlalchemy import JSON, Column, Index, MetaData, Select, String, bindparam, func, insert, select
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,7 +18,9 @@ from .context import context
 from .db import BigId, EventKey, add_outbox, now_iso
 from .demo_data import Shop
 from .errors import BadRequest, Conflict
-from .params import cents, money, parse_id, parse_ids, parse_int, read_body
+from .money import CENTS, total_cents
+from .params import money, parse_id, parse_ids, parse_int, read_body
+from .patterns import ID
 from .resource import Entity, add_one, add_patch, batch_query, batch_response, changes, etag_of, versioned_table
 from .responses import JSONResponse
 
@@ -29,7 +31,7 @@ orders = versioned_table(
     "orders", metadata,
     Column("id", BigId, primary_key=True), Column("customer_id", BigId, nullable=False),
     Column("status", String, nullable=False), Column("placed_at", String, nullable=False),
-    Column("total_cents", Integer, nullable=False), Column("currency", String, nullable=False),
+    Column("total_cents", CENTS, nullable=False), Column("currency", String, nullable=False),
     Column("items", JSON, nullable=False),
     Index("orders_by_customer", "customer_id", "id"),
 )
@@ -41,6 +43,10 @@ ORDER = Entity("order", orders, lambda r: {
 # Status moves forward only; anything else is a conflict with the order's current state.
 # PENDING (under checkout) is left only by its saga: PAID, or CANCELLED after compensation.
 TRANSITIONS = {"PENDING": {"PAID", "CANCELLED"}, "PLACED": {"PAID", "CANCELLED"}, "PAID": {"SHIPPED", "CANCELLED"}, "SHIPPED": {"DELIVERED"}}
+# Statuses a PATCH never sets (409 COMPENSATION_REQUIRED): a cancellation must undo what the order
+# holds elsewhere, which only the cancel saga does (POST /orders/{id}/cancel). A PATCH to
+# CANCELLED had left a PAID order's payment CAPTURED, its shipment PENDING and its stock held (issue 24).
+THROUGH_SAGA = {"CANCELLED"}
 PAGE = {
     "type": "object", "additionalProperties": False, "required": ["data", "nextCursor", "totalCount"],
     "properties": {
@@ -160,7 +166,7 @@ async def create(request: Request) -> Response:
     if len(currencies) > 1:
         raise BadRequest("all items of an order must share one currency")
     items = [item.model_dump() for item in body.items]
-    total = sum(cents(item.unitPrice.amount) * item.quantity for item in body.items)
+    total = total_cents(items)  # 400 AMOUNT_OUT_OF_RANGE past what a Money can say, before anything is written
     db = context(request).db
     now = now_iso()
     async with db.write() as conn:
@@ -178,6 +184,9 @@ def _guard(current: Any, body: models.OrderPatch) -> None:
         raise Conflict(f"order {current.id} is under checkout; its saga decides its status", code="CHECKOUT_IN_PROGRESS")
     if body.status not in TRANSITIONS.get(current.status, set()):
         raise Conflict(f"an order that is {current.status} cannot become {body.status}")
+    if body.status in THROUGH_SAGA:
+        raise Conflict(f"order {current.id} is cancelled with POST /orders/{current.id}/cancel, which refunds its payment, "
+                       "cancels its shipment and gives its stock back", code="COMPENSATION_REQUIRED")
 
 
 def routes(api: Api) -> None:
@@ -185,7 +194,7 @@ def routes(api: Api) -> None:
     api.add("GET", "/orders", collection, params=[
         batch_query("ids"),
         query_param("customerId", "One customer's orders, newest first, a page at a time",
-                    {"type": "string", "pattern": "^[1-9][0-9]*$"}),
+                    ID.schema()),
         query_param("customerIds", "Comma-separated customer ids, at most maxBatch: the first page of each, as "
                     "customerId answers it; not with ids, customerId or after", {"type": "string", "pattern": IDS_PATTERN}),
         query_param("limit", "Orders per page (per customer with customerIds); default 20",

@@ -10,16 +10,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from .errors import BadRequest
+from .models import AMOUNT
+from .patterns import ID, IDS
 
 __all__ = ["parse_id", "parse_ids", "parse_int", "read_body", "money", "cents"]
 
-_ID = re.compile(r"[1-9][0-9]{0,17}")
-_AMOUNT = re.compile(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,2})?")
 M = TypeVar("M", bound=BaseModel)
 
 
 def parse_id(raw: str, name: str = "id") -> int:
-    if not _ID.fullmatch(raw):
+    if not ID.matches(raw):
         raise BadRequest(f"{name} must be a positive integer, got {raw[:40]!r}")
     return int(raw)
 
@@ -31,7 +31,10 @@ def parse_ids(raw: str | None, name: str, max_batch: int) -> list[int]:
     parts = raw.split(",")
     if len(parts) > max_batch:
         raise BadRequest(f"{name} lists {len(parts)} ids; at most {max_batch} are allowed")
-    return list(dict.fromkeys(parse_id(part.strip(), name) for part in parts))
+    # The published pattern, as a client checks it: no spaces around the commas.
+    if not IDS.matches(raw):
+        raise BadRequest(f"{name} must be comma-separated positive integers of at most 18 digits, got {raw[:40]!r}")
+    return list(dict.fromkeys(int(part) for part in parts))
 
 
 def parse_int(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
@@ -78,7 +81,7 @@ def money(amount_cents: int, currency: str) -> dict[str, str]:
 
 
 def cents(amount: str) -> int:
-    if not _AMOUNT.fullmatch(amount):
+    if not AMOUNT.matches(amount):
         raise BadRequest(f"amount must be a non-negative decimal string, got {amount[:40]!r}")
     whole, _, frac = amount.partition(".")
     return int(whole) * 100 + int(frac.ljust(2, "0") or 0)

@@ -18,6 +18,7 @@ from .context import context
 from .db import now_iso
 from .errors import BadRequest, NotFound
 from .params import parse_id, parse_ids, read_body
+from .patterns import one_of
 from .responses import JSONResponse
 
 __all__ = ["Entity", "Include", "add_one", "add_reads", "add_patch", "batch_query", "batch_response", "changes", "etag_of",
@@ -100,15 +101,14 @@ async def batch_response(request: Request, entity: Entity, column: str, ids: lis
 
 
 def _included(request: Request, include: dict[str, Include]) -> dict[str, Include] | None:
-    """The related entities `?include=a,b` asks for (None: not asked); an unknown one is a 400."""
+    """The related entities `?include=a,b` asks for (None: not asked); an unknown one is a 400,
+    by the pattern the route publishes."""
     raw = request.query_params.get("include")
     if raw is None:
         return None
-    names = raw.split(",")
-    unknown = [n for n in names if n not in include]
-    if unknown or not raw:
+    if not include or not one_of(*sorted(include)).matches(raw):
         raise BadRequest(f"include takes {', '.join(sorted(include)) or 'nothing'} on this route, got {raw[:40]!r}")
-    return {name: include[name] for name in names}
+    return {name: include[name] for name in raw.split(",")}
 
 
 def add_reads(api: Api, entity: Entity, path: str, param: str, batch_param: str = "ids", batch_column: str | None = None,
@@ -123,9 +123,8 @@ def add_reads(api: Api, entity: Entity, path: str, param: str, batch_param: str 
 
     params, schema = [batch_query(batch_param, required=True)], batch_of(entity.schema)
     if include:
-        names = "|".join(sorted(include))
         params.append(query_param("include", f"Related entities to send along, under `included`: {', '.join(sorted(include))}",
-                                  {"type": "string", "pattern": f"^({names})(,({names}))*$"}))
+                                  one_of(*sorted(include)).schema()))
         schema["properties"]["included"] = {"type": "object", "additionalProperties": False, "properties": {
             name: {"type": "array", "items": ref(related.entity.schema)} for name, related in include.items()}}
     api.add("GET", path, many, summary=f"{entity.name.capitalize()}s by {batch_param}", params=params, ok=(200, schema))

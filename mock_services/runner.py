@@ -23,11 +23,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Self
 
 import httpx
+from sqlalchemy.engine import make_url
 
 __all__ = ["INSTANCE_ENV", "INSTANCE_HEADER", "Child", "instance_headers", "service_children", "supervise"]
 
@@ -70,6 +71,8 @@ class Child:
     # Echoed by the child's /healthz (INSTANCE_HEADER); None: any 200 counts (callers that
     # start children themselves, e.g. bench/_harness.py, pass none).
     nonce: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # over the supervisor's own environment
+    note: str = ""  # printed after its pid once ready (a service's database)
 
 
 def instance_headers() -> dict[str, str]:
@@ -78,14 +81,21 @@ def instance_headers() -> dict[str, str]:
     return {INSTANCE_HEADER: nonce} if nonce else {}
 
 
-def service_children(urls: dict[str, str], data_dir: str, scale: int, admin: bool) -> list[Child]:
+def service_children(urls: dict[str, str], data_dir: str, scale: int, admin: bool,
+                     databases: dict[str, str] | None = None) -> list[Child]:
+    """One child per service; `databases` names some services' database URLs (the others keep a
+    SQLite file in `data_dir`). A URL travels in the child's environment, not its argv, where
+    any user of the machine could read a password in it (`ps`)."""
     children = []
     for name, url in urls.items():
         parsed = httpx.URL(url)
         argv = [sys.executable, "-m", "mock_services", name, "--host", parsed.host, "--port", str(parsed.port),
                 "--data-dir", data_dir, "--scale", str(scale)]
+        database = (databases or {}).get(name)
+        env = {f"BOOKVAULT_{name.upper()}_DATABASE_URL": database} if database else {}
+        where = make_url(database).render_as_string(hide_password=True) if database else f"{data_dir}/{name}.db"
         children.append(Child(name, argv + (["--admin"] if admin else []), url,
-                              port_variable=f"BOOKVAULT_{name.upper()}_URL"))
+                              port_variable=f"BOOKVAULT_{name.upper()}_URL", env=env, note=where))
     return children
 
 
@@ -195,7 +205,8 @@ def _start(child: Child) -> None:
     if sys.platform == "linux":
         argv = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
     # Own session: a terminal's Ctrl-C or hang-up reaches only us, and we stop the children in order.
-    child.process = subprocess.Popen(argv, env=os.environ | {INSTANCE_ENV: child.nonce}, start_new_session=True)
+    child.process = subprocess.Popen(argv, env=os.environ | child.env | {INSTANCE_ENV: child.nonce},
+                                     start_new_session=True)
 
 
 def supervise(children: list[Child], banner: str = "", ready_timeout: float = 60.0) -> int:
@@ -221,7 +232,8 @@ def supervise(children: list[Child], banner: str = "", ready_timeout: float = 60
                     return 1
             width = max(len(c.name) for c in children)
             for child in children:
-                print(f"  {child.name:<{width}}  {child.url}  (pid {child.process.pid})")  # type: ignore[union-attr]
+                note = f"  {child.note}" if child.note else ""
+                print(f"  {child.name:<{width}}  {child.url}  (pid {child.process.pid}){note}")  # type: ignore[union-attr]
             print(f"ready in {time.monotonic() - started:.2f}s. {banner}Ctrl-C stops everything.", flush=True)
             reported: set[str] = set()
             while not signals.stop:

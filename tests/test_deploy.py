@@ -16,11 +16,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis
 import yaml
 
+from backends import PG_ADMIN, run_in_thread
 from gateway.config import DEFAULT_PORTS, Settings
 from shop import STAFF, TEST_SECRET
 from mock_services.runner import Child
@@ -71,10 +73,58 @@ def test_image_is_multi_stage_slim_non_root_and_health_checked() -> None:
     assert runtime[-1] == 'CMD ["bookvault", "gateway"]'
 
 
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation of `${NAME}`, `${NAME:-default}` and `${NAME:?error}` (the forms
+    compose.yaml uses), from `env` as the shell or .env would give it."""
+
+    def value(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise AssertionError(f"{name} is required: {arg}")
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", value, text)
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    """compose.yaml validates against the Compose Specification's JSON schema (check-jsonschema's copy of it)."""
+    checker = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent)) or shutil.which("check-jsonschema")
+    assert checker, "check-jsonschema not installed: pip install -e '.[dev]'"
+    result = subprocess.run([checker, "--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_compose_has_the_gateway_six_services_redis_and_jaeger(compose: dict[str, Any]) -> None:
-    """One container each for the gateway, every service, Redis and Jaeger, and one database volume per service."""
-    assert set(compose["services"]) == {"gateway", "redis", "jaeger", *SERVICES}
-    assert set(compose["volumes"]) == {f"{name}-data" for name in SERVICES}
+    """One container each for the gateway, every service, Redis and Jaeger by default, one database volume per service;
+    PostgreSQL and its setup only in the `postgres` profile."""
+    default = {name for name, service in compose["services"].items() if not service.get("profiles")}
+    assert default == {"gateway", "redis", "jaeger", *SERVICES}
+    assert {name for name, service in compose["services"].items() if "postgres" in service.get("profiles", [])} == {
+        "postgres", "postgres-setup"}
+    assert set(compose["volumes"]) == {f"{name}-data" for name in SERVICES} | {"postgres-data"}
+
+
+def test_postgres_profile_gives_each_service_its_own_url_and_sets_up_the_roles_first(compose: dict[str, Any]) -> None:
+    """Profile postgres: setup-postgres runs once PostgreSQL is healthy, with every URL; each service gets its own URL only and waits for it."""
+    setup = compose["services"]["postgres-setup"]
+    assert setup["command"][:3] == ["bookvault", "services", "setup-postgres"]
+    assert setup["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert setup["restart"] == "no"
+    variables = {f"BOOKVAULT_{name.upper()}_DATABASE_URL" for name in SERVICES}
+    assert set(setup["environment"]) == variables | {"PGPASSWORD"}
+    for name in SERVICES:
+        service = compose["services"][name]
+        own = f"BOOKVAULT_{name.upper()}_DATABASE_URL"
+        assert service["environment"][own] == f"${{{own}:-}}"  # unset: SQLite in its volume, as before
+        assert not (variables - {own}) & set(service["environment"])  # no other service's credentials
+        assert service["depends_on"] == {"postgres-setup": {"condition": "service_completed_successfully",
+                                                            "required": False}}
+    postgres = compose["services"]["postgres"]
+    assert ":" in postgres["image"] and not postgres["image"].endswith(":latest")
+    assert postgres["volumes"] == ["postgres-data:/var/lib/postgresql/data"] and "pg_isready" in postgres["healthcheck"]["test"]
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -144,7 +194,7 @@ def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes
                 container = compose["services"][name]
                 volume = tmp_path / name  # its own volume, already seeded: the test is not about seeding
                 shutil.copytree(seeded_dir, volume)
-                env = {**os.environ, **{k: local(str(v)) for k, v in container["environment"].items()},
+                env = {**os.environ, **{k: local(_interpolate(str(v), {"BOOKVAULT_JWT_SECRET": TEST_SECRET})) for k, v in container["environment"].items()},
                        "OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.endpoint, "BOOKVAULT_CACHE_NAMESPACE": namespace,
                        "BOOKVAULT_JWT_SECRET": TEST_SECRET}  # what `docker compose` would take from the shell
                 child = Child(name, [str(volume) if a == "/data" else a for a in argv(container["command"])],
@@ -152,7 +202,11 @@ def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes
                 child.process = subprocess.Popen(child.argv, env=env, stdout=subprocess.DEVNULL,
                                                  stderr=(tmp_path / f"{name}.log").open("wb"))
                 children.append(child)
-            assert wait_ready(children, 60) == []
+            try:
+                assert wait_ready(children, 60) == []
+            except SystemExit as exc:  # a child died while starting: say what it printed
+                logs = {c.name: (tmp_path / f"{c.name}.log").read_text()[-2000:] for c in children}
+                raise AssertionError(f"{exc}: {logs}") from None
             for name in (*SERVICES, "gateway"):  # the containers' own health checks pass
                 check = argv(compose["services"][name]["healthcheck"]["test"][1:])
                 assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0, name
@@ -183,3 +237,67 @@ def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes
 # Touches all six services: customer, books (their authors included), stock, payment, shipment.
 ORDER_PAGE_ALL = """query OrderPage { order(id: 4850) { customer { name } payment { status } shipment { status }
   items { book { title author { name } stock { available } } } } }"""
+
+
+def test_postgres_profile_commands_run_as_written(compose: dict[str, Any], tmp_path: Path) -> None:
+    """Profile postgres, run here as processes on this machine's PostgreSQL: postgres-setup's command makes a role and a
+    database per service, then each service's command starts healthy on its own database (nothing in its SQLite volume)."""
+    prefix = f"bvcompose_{uuid.uuid4().hex[:10]}"
+    # What a .env for the profile holds (README, "Running it in containers"); trust auth here, so no passwords checked.
+    dotenv = {"POSTGRES_PASSWORD": "", **{f"BOOKVAULT_{name.upper()}_DATABASE_URL":
+                                          f"postgresql+asyncpg://{prefix}_{name}:pw-{name}@postgres:5432/{prefix}_{name}"
+                                          for name in SERVICES}}
+    ports = {str(port): str(_free_port()) for port in DEFAULT_PORTS.values()}
+
+    def local(text: str) -> str:  # the postgres container -> this machine's; service ports -> free ones
+        text = _interpolate(text, dotenv).replace("@postgres:5432", "@127.0.0.1:5432")
+        return re.sub(r"\b(810[1-6])\b", lambda m: ports[m.group(1)], text)
+
+    def argv(command: list[str]) -> list[str]:
+        command = [local(arg) for arg in command]
+        return [sys.executable, *command[1:]] if command[0] == "python" else [sys.executable, "-m", "bookvault.cli", *command[1:]]
+
+    def environment(name: str) -> dict[str, str]:
+        env = {k: local(str(v)) for k, v in compose["services"][name]["environment"].items()}
+        return {**{k: v for k, v in os.environ.items() if not k.startswith(("BOOKVAULT_", "PG"))}, **env,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+
+    children: list[Child] = []
+    try:
+        setup = compose["services"]["postgres-setup"]
+        done = subprocess.run(argv(setup["command"]), env=environment("postgres-setup"), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(f"CONNECT to it: {prefix}_") == len(SERVICES)
+        for name in ("customers", "catalog"):
+            container = compose["services"][name]
+            volume = tmp_path / name
+            volume.mkdir()
+            child = Child(name, [str(volume) if a == "/data" else a for a in argv(container["command"])],
+                          f"http://127.0.0.1:{ports[str(DEFAULT_PORTS[name])]}")
+            child.process = subprocess.Popen(child.argv, env=environment(name), stdout=subprocess.DEVNULL,
+                                             stderr=(tmp_path / f"{name}.log").open("wb"))
+            children.append(child)
+        assert wait_ready(children, 120) == []
+        for child in children:
+            check = argv(compose["services"][child.name]["healthcheck"]["test"][1:])
+            assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0, child.name
+            assert list((tmp_path / child.name).iterdir()) == []  # no SQLite file: its database is PostgreSQL
+        assert httpx.get(f"{children[1].url}/books/1", timeout=10).json()["id"] == 1
+    finally:
+        for child in children:
+            child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        for child in children:
+            child.process.wait(timeout=30)  # type: ignore[union-attr]
+        statements = [f'DROP DATABASE IF EXISTS "{prefix}_{name}" WITH (FORCE)' for name in SERVICES] + \
+            [f'DROP ROLE IF EXISTS "{prefix}_{name}"' for name in SERVICES]
+
+        async def drop() -> None:  # only what this test made
+            conn = await asyncpg.connect(PG_ADMIN, timeout=10)
+            try:
+                for statement in statements:
+                    await conn.execute(statement, timeout=60)
+            finally:
+                await conn.close()
+
+        run_in_thread(drop)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from saga_shop import checkout_body
+from saga_shop import assert_consistent, checkout_body, reader
 
 STEPS = ("order", "reserve", "pay", "ship", "confirm", "complete")
 
@@ -42,7 +42,7 @@ async def orders_process(database: str, port: int, urls: dict[str, str]) -> Asyn
 
 @pytest.mark.parametrize("step", STEPS)
 async def test_crash_after_a_step_recovers_on_restart(step, live_service, databases, unused_ports):
-    """Killed right after `step`: the restarted process finishes the saga alone; the key answers PAID."""
+    """Killed right after `step`: the restarted process finishes the saga alone; the key answers PAID; all consistent."""
     urls = {name: await live_service(name, admin=True) for name in ("catalog", "inventory", "payments", "shipping")}
     inventory = httpx.AsyncClient(base_url=urls["inventory"], timeout=5)
     payments = httpx.AsyncClient(base_url=urls["payments"], timeout=5)
@@ -67,6 +67,9 @@ async def test_crash_after_a_step_recovers_on_restart(step, live_service, databa
             events += page["events"]
         assert (await orders.get(f"/orders/{created['id']}")).json()["status"] == "PAID"
         again = await orders.post("/checkouts", json=body, headers=key)
+        async with httpx.AsyncClient(base_url=urls["shipping"], timeout=5) as shipping:
+            clients = {"orders": orders, "payments": payments, "inventory": inventory, "shipping": shipping}
+            await assert_consistent(reader(clients), created["id"], again.json()["id"])
     assert (again.status_code, again.json()["status"], again.json()["orderId"]) == (201, "COMPLETED", created["id"])
     assert (await inventory.get("/stock/11")).json()["available"] == 3
     paid = (await payments.get("/payments", params={"orderIds": str(created["id"])})).json()["data"]

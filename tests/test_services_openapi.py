@@ -22,7 +22,7 @@ PATHS = {
     "inventory": {"/stock", "/stock/{bookId}", "/reservations", "/reservations/{id}", "/reservations/{id}/confirm",
                   "/reservations/{id}/release"},
     "orders": {"/orders", "/orders/{id}", "/orders/{id}/cancel", "/checkouts", "/checkouts/{id}"},
-    "payments": {"/payments", "/payments/{id}", "/payments/{id}/refund"},
+    "payments": {"/payments", "/payments/{id}", "/payments/{id}/refund", "/payment-voids"},
     "shipping": {"/shipments", "/shipments/{id}", "/shipments/{id}/cancel"},
 }
 ITEM = {"bookId": 3, "quantity": 2, "unitPrice": {"amount": "4.50", "currency": "EUR"}, "titleAtPurchase": "A"}
@@ -63,6 +63,8 @@ EXCHANGES = {
         ("POST", "/payments", {"orderId": 7001, "amount": {"amount": "5", "currency": "EUR"}, "method": "card"}, 201),
         ("POST", "/payments", {"orderId": 7002, "amount": {"amount": "5", "currency": "EUR"}, "method": "card-declined"}, 402),
         ("POST", "/payments/3/refund", None, 200),
+        ("POST", "/payment-voids", {"key": "k", "payment": {"orderId": 7003, "amount": {"amount": "5", "currency": "EUR"},
+                                                             "method": "card"}}, 200),
     ],
     "shipping": [
         ("GET", "/shipments/3", None, 200), ("GET", "/shipments?orderIds=3,4994", None, 200),

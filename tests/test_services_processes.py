@@ -1,7 +1,7 @@
 """`bookvault services`: six processes; one can die while the others serve; SIGINT stops all.
 
-SQLite only: `bookvault services` keeps each service's SQLite file in --data-dir and takes no
-database URLs; a service alone on PostgreSQL as its own process is tests/test_saga_crash.py's."""
+SQLite only: this one is about --data-dir, where each service keeps its SQLite file; `bookvault
+services --database-url` on PostgreSQL is tests/test_services_databases.py's."""
 
 from __future__ import annotations
 
