@@ -22,7 +22,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -57,6 +57,9 @@ class Caller(BaseUser):
     customer_id: int | None = None
     scopes: frozenset[str] = frozenset()
     staff: bool = False  # holds the scope that sees every customer's data
+    # The token's `exp` (seconds since the epoch): a subscription's rights end with it
+    # (gateway/hub.py, `expires_in`). None: no token to end (the hub's own caller).
+    expires: float | None = field(default=None, compare=False)
 
     @cached_property  # verified tokens are remembered with their caller: made once per token
     def key(self) -> str:
@@ -218,7 +221,9 @@ class Authenticator:
         raw = claims.get(config.scopes_claim, ())
         scopes = frozenset(raw.split() if isinstance(raw, str) else (s for s in raw if isinstance(s, str))
                            if isinstance(raw, list) else ())
-        return Caller(subject, customer, scopes, config.staff_scope in scopes)
+        exp = claims.get("exp")
+        expires = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+        return Caller(subject, customer, scopes, config.staff_scope in scopes, expires)
 
     async def aclose(self) -> None:
         if self.keys is not None:

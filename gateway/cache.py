@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from aiocache import RedisCache, SimpleMemoryCache
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .metrics import record_cache
 
@@ -267,8 +269,14 @@ class RedisLevel:
         self.timeout = timeout
         parts = urlsplit(url)
         db = int(parts.path.lstrip("/") or 0)
+        # Every socket read and write is bounded by the limit itself, not by redis-py's
+        # default (5 s), and nothing is retried: a cancelled call that does not unwind at
+        # once still ends within the limit (`_call`, issue 25). aiocache's own timeout is off
+        # (0): `_call` bounds the call without waiting for it to unwind.
         self._cache = RedisCache(endpoint=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=db,
-                                 password=parts.password, timeout=timeout, create_connection_timeout=timeout)
+                                 password=parts.password, timeout=0, create_connection_timeout=timeout,
+                                 connection_pool_kwargs={"socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)})
+        self._unwinding: set[asyncio.Future[Any]] = set()  # calls given up on, still closing their connection
         self.rest = rest
         self._clock = clock
         self._resting_until = 0.0
@@ -276,17 +284,50 @@ class RedisLevel:
         self.up = True
 
     async def close(self) -> None:
+        if self._unwinding:
+            await asyncio.wait(self._unwinding, timeout=max(self.timeout, 0.1) * 4)
         await self._cache.close()
+
+    def _give_up(self, call: asyncio.Future[Any]) -> None:
+        """Cancel a call nobody waits for any more; it is kept until it has unwound (its
+        outcome read, so that it is never reported as an exception nobody retrieved)."""
+        if call.done():
+            return
+        call.cancel()
+        self._unwinding.add(call)
+        call.add_done_callback(self._unwound)
+
+    def _unwound(self, call: asyncio.Future[Any]) -> None:
+        self._unwinding.discard(call)
+        if not call.cancelled():
+            call.exception()  # read: a failure of a call nobody waits for is no news
 
     def resting(self) -> bool:
         return self._clock() < self._resting_until
 
     async def _call(self, command: str, *args: Any) -> Any:
+        """One command, within the limit whatever the client does when cancelled.
+
+        A request once waited 5.1 s on a paused Redis (issue 25): aiocache bounded the call
+        with `asyncio.wait_for`, which cancels the call and then waits for it to unwind.
+        redis-py writes a command under a `wait_for` of its own, and Python 3.11's `wait_for`
+        drops a cancellation that arrives as its inner write completes (CPython gh-86296,
+        fixed in 3.12): the call went on to read the answer for the socket timeout, redis-py's
+        default 5 s. So the call runs as a task of its own that is given up on at the limit,
+        not waited for; its sockets are bounded by the limit too, so it ends soon after."""
         if self._clock() < self._resting_until:
             raise RedisUnavailable("resting after a failure")
+        call = asyncio.ensure_future(self._cache.raw(command, *args))
         try:
-            result = await self._cache.raw(command, *args)
-        except Exception as exc:  # redis.RedisError, OSError and aiocache's timeout alike
+            done, _ = await asyncio.wait((call,), timeout=self.timeout)
+            if not done:
+                raise TimeoutError(f"no answer within {self.timeout * 1000:g} ms")
+            result = call.result()
+        except asyncio.CancelledError:
+            self._give_up(call)
+            raise
+        except Exception as exc:  # redis.RedisError, OSError and the limit alike
+            self._give_up(call)
             self.fallbacks += 1
             self._resting_until = self._clock() + self.rest
             if self.up:
@@ -322,8 +363,11 @@ class RedisLevel:
         (re)subscription, when what was missed meanwhile can be caught up."""
         delay = 0.2
         while True:
-            # No read timeout: an idle subscription waits; connecting is bounded like every call.
-            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=max(self.timeout, 0.5))
+            # No read timeout: an idle subscription waits (redis-py reads pub/sub messages
+            # without one); connecting and writing are bounded, and nothing is retried.
+            bound = max(self.timeout, 0.5)
+            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=bound, socket_timeout=bound,
+                                             retry=Retry(NoBackoff(), 0))
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await asyncio.wait_for(pubsub.subscribe(channel), max(self.timeout, 0.5) * 4)
@@ -389,6 +433,7 @@ class EntityCache:
         self._pending: dict[str, tuple[int, float]] = {}
         self._lost: set[str] = set()
         self._repairing = asyncio.Lock()
+        self._repair_task: asyncio.Future[bool] | None = None  # a repair a request started (`get_many`)
         self.origin = uuid.uuid4().hex[:12]  # this instance, on the floor channel
         self.channel = f"{namespace}:{FORMAT}:floors"
         self.heard = 0  # floor raises learnt from other instances over the channel
@@ -450,8 +495,8 @@ class EntityCache:
                     found[i] = entry
                     if self.fresh(entry, policy):
                         fresh.add(i)
-            if self._pending or self._lost:
-                await self.repair()
+            if (self._pending or self._lost) and remote:
+                self._repair_soon()  # Redis answers: what it missed goes now, not on this request's time
         return found, fresh
 
     def peek_many(self, entity: str, scope: str, ids: list[Any], policy: CachePolicy,
@@ -522,6 +567,12 @@ class EntityCache:
                 self._pending[key] = (version, keep)
         else:
             self._lost.add(entity)
+
+    def _repair_soon(self) -> None:
+        """`repair` in a task of its own: a repair is many Redis calls (500 keys each, and a
+        scan per dropped type), and another may hold the lock; a request waits for neither."""
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.ensure_future(self.repair())
 
     @property
     def settled(self) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .cors import parse_origins
 
-__all__ = ["ServiceConfig", "ResilienceConfig", "JwtConfig", "RateLimit", "Settings", "DEFAULT_PORTS"]
+__all__ = ["ServiceConfig", "ResilienceConfig", "JwtConfig", "RateLimit", "ConnectionLimits", "Settings", "DEFAULT_PORTS"]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_PORTS = {"customers": 8101, "catalog": 8102, "inventory": 8103, "orders": 8104, "payments": 8105, "shipping": 8106}
@@ -131,6 +131,33 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold (gateway/connections.py; README, "Limits and
+    cost"): time to send a head and a body, idle time, connections per instance and per
+    address, event streams per caller."""
+
+    head_timeout: float = 10.0  # seconds from connecting (or a request's first byte) to the end of its head
+    body_timeout: float = 10.0  # seconds from a head to the end of its body, any route (/graphql: its deadline)
+    keepalive: float = 5.0  # seconds an idle keep-alive connection is kept (uvicorn's timeout_keep_alive)
+    max_head_bytes: int = 65_536  # request line and headers; longer is 431
+    max_connections: int = 10_000  # per instance, lowered to what the file-descriptor limit allows
+    per_address: int = 256  # per client address (IPv6: per /64); 0: no cap (behind a proxy)
+    streams_per_caller: int = 32  # WebSockets and event streams per caller (subject, else address)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ConnectionLimits:
+        return cls(
+            head_timeout=_float(env, "BOOKVAULT_HEAD_TIMEOUT_S", cls.head_timeout),
+            body_timeout=_float(env, "BOOKVAULT_BODY_TIMEOUT_S", cls.body_timeout),
+            keepalive=_float(env, "BOOKVAULT_KEEPALIVE_S", cls.keepalive),
+            max_head_bytes=_int(env, "BOOKVAULT_MAX_HEAD_BYTES", cls.max_head_bytes),
+            max_connections=_int(env, "BOOKVAULT_MAX_CONNECTIONS", cls.max_connections),
+            per_address=int(_float(env, "BOOKVAULT_MAX_CONNECTIONS_PER_ADDRESS", cls.per_address, zero_ok=True)),
+            streams_per_caller=_int(env, "BOOKVAULT_MAX_STREAMS_PER_CALLER", cls.streams_per_caller),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     services: dict[str, ServiceConfig]
     host: str = "127.0.0.1"
@@ -176,6 +203,16 @@ class Settings:
     live_queue: int = 64  # messages waiting for one connection past which it is dropped (slow consumer)
     live_heartbeat: float = 15.0  # seconds between pings (WebSocket) and comment lines (SSE)
     live_init_timeout: float = 5.0  # seconds a WebSocket has to send connection_init
+    # Fairness and slow consumers (issue 25; gateway/outbox.py): bytes in flight for one
+    # connection past which, behind a blocked send, it is dropped; how long a send may stay
+    # blocked (the client does not read) before it is dropped whatever the change rate;
+    # messages in flight for one caller past which its first states wait; client pings
+    # answered per second per WebSocket.
+    live_queue_bytes: int = 1024 * 1024
+    live_send_timeout: float = 5.0
+    live_caller_in_flight: int = 256
+    live_ping_rate: float = 2.0
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # gateway/connections.py
 
     def token_secret(self) -> str:
         if self.consistency_secret:
@@ -237,6 +274,11 @@ class Settings:
             live_queue=_int(env, "BOOKVAULT_LIVE_QUEUE", cls.live_queue),
             live_heartbeat=_float(env, "BOOKVAULT_LIVE_HEARTBEAT_S", cls.live_heartbeat),
             live_init_timeout=_float(env, "BOOKVAULT_LIVE_INIT_TIMEOUT_S", cls.live_init_timeout),
+            live_queue_bytes=_int(env, "BOOKVAULT_LIVE_QUEUE_BYTES", cls.live_queue_bytes),
+            live_send_timeout=_float(env, "BOOKVAULT_LIVE_SEND_TIMEOUT_S", cls.live_send_timeout),
+            live_caller_in_flight=_int(env, "BOOKVAULT_LIVE_CALLER_IN_FLIGHT", cls.live_caller_in_flight),
+            live_ping_rate=_float(env, "BOOKVAULT_LIVE_PING_RATE", cls.live_ping_rate),
+            connections=ConnectionLimits.from_env(env),
         )
 
 

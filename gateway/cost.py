@@ -15,8 +15,10 @@ The estimate is an upper bound: it ignores @skip/@include and the de-duplication
 executors do, so a refused operation may well have been cheaper, never the reverse.
 
 Computed in time linear in the document (a fragment spread at the same multiplicity is
-counted once, like the limits in `documents.py`) and cached per document, operation and
-variables *shape* (list lengths and integers: what the estimate reads)."""
+counted once, like the limits in `documents.py`) and kept with the document
+(`Document.costs`) per operation and variables *shape* (list lengths and integers: what
+the estimate reads). It takes well under a millisecond even for the heaviest accepted
+documents (95 repeated fields: 0.3 ms), so it runs on the event loop (issue 25)."""
 
 from __future__ import annotations
 
@@ -72,13 +74,12 @@ class CostAnalyzer:
     a list argument over `max_ids`)."""
 
     def __init__(self, schema: GraphQLSchema, *, limit: int, max_ids: int, list_size: int = 5,
-                 batch: Mapping[str, int] | None = None, size: int = 1024) -> None:
+                 batch: Mapping[str, int] | None = None, size: int = 64) -> None:
         self.schema = schema
         self.limit, self.max_ids, self.list_size = limit, max_ids, list_size
         self.batch = dict(batch or {})
-        self.size = size
+        self.size = size  # costs kept per document (`Document.costs`): they go when it goes
         self.computed = 0
-        self._costs: OrderedDict[tuple[Any, ...], Cost | GraphQLError] = OrderedDict()
 
     def oversized(self, operation: OperationDefinitionNode, raw: Mapping[str, Any]) -> GraphQLError | None:
         """A list variable longer than `max_ids`, refused before its items are coerced:
@@ -94,10 +95,11 @@ class CostAnalyzer:
 
     def cost(self, document: Document, operation: OperationDefinitionNode,
              variables: VariableValues) -> Cost | GraphQLError:
-        key = (document.hash, operation.name.value if operation.name else None, _shape(variables.coerced))
-        found = self._costs.get(key)
+        costs: OrderedDict[tuple[Any, ...], Cost | GraphQLError] = document.costs
+        key = (operation.name.value if operation.name else None, _shape(variables.coerced))
+        found = costs.get(key)
         if found is not None:
-            self._costs.move_to_end(key)
+            costs.move_to_end(key)
             return found
         try:
             found = _Count(self, document, variables).operation(operation)
@@ -109,9 +111,9 @@ class CostAnalyzer:
         except GraphQLError as error:
             found = error
         self.computed += 1
-        self._costs[key] = found
-        if len(self._costs) > self.size:
-            self._costs.popitem(last=False)
+        costs[key] = found
+        if len(costs) > self.size:
+            costs.popitem(last=False)
         return found
 
 

@@ -19,6 +19,18 @@ data. Workers are forked from a fork server that has this module imported, so a 
 costs milliseconds; if the pool breaks, loads fall back to a thread. Concurrent requests
 with one new text share one load.
 
+What is kept is what the cyclic garbage collector walks, and its full collections hold the
+event loop for as long as that takes (about 0.5 µs per object here): a stream of new texts
+once held it 100-260 ms at a time, while the cost and plan of a new document take a few
+milliseconds at most (issue 25, bench/hostile_bench.py). So a document carries its plans
+and costs (`Document.plans`, `.costs`: they go with it), its AST keeps no tokens
+(graphql-core links every token of the text to the next: the AST is acyclic without them,
+and a fifth smaller), and a text seen once is not admitted among the kept ones: it waits in
+a small window (`window` texts, `window_chars` characters), and only a second sight keeps it
+(a "doorkeeper", as TinyLFU admits entries). A client sending a new text each time leaves
+nothing behind; the app sets its startup heap aside from the collector (`gc.freeze`,
+gateway/app.py), so a full collection walks only what requests keep.
+
 Every error carries a code a client can act on: GRAPHQL_PARSE_FAILED,
 GRAPHQL_VALIDATION_FAILED, INTROSPECTION_DISABLED, or the limit it broke."""
 
@@ -50,6 +62,7 @@ from graphql import (
     GraphQLSchema,
     GraphQLSyntaxError,
     InlineFragmentNode,
+    Node,
     NoSchemaIntrospectionCustomRule,
     OperationDefinitionNode,
     SelectionSetNode,
@@ -97,6 +110,10 @@ class Document:
     # The document without @defer and @stream, for the reference execution, which ignores
     # them (ARCHITECTURE.md, "Incremental delivery"); `node` itself when it has none.
     plain: DocumentNode | None = None
+    # What is worked out from it, kept with it and dropped with it (see the module doc): its
+    # plans (gateway/plan.py) and costs (gateway/cost.py), each by operation and variables.
+    plans: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False)
+    costs: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False)
 
     def operation(self, name: str | None) -> OperationDefinitionNode | GraphQLError:
         if name is None:
@@ -108,17 +125,22 @@ class Document:
 
 
 class DocumentCache:
-    """Bounded (least recently used out first); `validations` counts documents validated;
-    `workers` processes load new texts (0: a thread, as in tests that need no isolation)."""
+    """`size` texts kept once seen twice, and a window of texts seen once (`window` of them,
+    `window_chars` characters; the newest always), least recently used out first;
+    `validations` counts documents validated; `workers` processes load new texts (0: a
+    thread, as in tests that need no isolation)."""
 
     def __init__(self, schema: GraphQLSchema, limits: Limits | None = None, size: int = 512,
-                 workers: int = 0) -> None:
+                 workers: int = 0, window: int = 8, window_chars: int = 16_384) -> None:
         self.schema = schema
         self.limits = limits or Limits()
         self.size = size
         self.workers = workers
+        self.window, self.window_chars = window, window_chars
         self.validations = 0
         self._documents: OrderedDict[str, Document] = OrderedDict()
+        self._window: OrderedDict[str, Document] = OrderedDict()  # seen once
+        self._window_length = 0
         self._loading: dict[str, asyncio.Future[Document]] = {}
         self._rules = _rules(self.limits)
         self._executor: Executor | None = None
@@ -128,13 +150,19 @@ class DocumentCache:
         """The document of `text`, loaded on the calling thread if it is not cached."""
         document = self.cached(text)
         if document is None:
-            document = self._store(text, self._load(text))
+            document = self._seen(text, self._load(text))
         return document
 
     def cached(self, text: str) -> Document | None:
+        """The document of `text` if it is kept, or seen once (then it is kept from now on)."""
         document = self._documents.get(text)
         if document is not None:
             self._documents.move_to_end(text)
+            return document
+        document = self._window.pop(text, None)
+        if document is not None:
+            self._window_length -= len(text)
+            self._store(text, document)
         return document
 
     async def load(self, text: str) -> Document:
@@ -202,7 +230,15 @@ class DocumentCache:
     def _landed(self, text: str, flight: asyncio.Future[Document]) -> None:
         self._loading.pop(text, None)
         if not flight.cancelled() and flight.exception() is None:
-            self._store(text, flight.result())
+            self._seen(text, flight.result())
+
+    def _seen(self, text: str, document: Document) -> Document:
+        """A text seen for the first time waits in the window: a second sight keeps it."""
+        self._window[text] = document
+        self._window_length += len(text)
+        while len(self._window) > 1 and (len(self._window) > self.window or self._window_length > self.window_chars):
+            self._window_length -= len(self._window.popitem(last=False)[0])
+        return document
 
     def _store(self, text: str, document: Document) -> Document:
         self._documents[text] = document
@@ -251,7 +287,26 @@ def _load(text: str, schema: GraphQLSchema, limits: Limits, rules: list[Any]) ->
     if not document.errors:
         document.directive_variables = _directive_variables(document.node)
         document.plain = _plain(text, document.node)
+    _drop_tokens(document.node)
     return document
+
+
+def _drop_tokens(root: Node) -> None:
+    """Unlink every node's location from the text's tokens: only `start`, `end` and `source`
+    are read after validation (an error's locations), and graphql-core chains the tokens of
+    a whole text together (`prev`, `next`), so a kept AST would keep them all, in cycles."""
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        loc = node.loc
+        if loc is not None:
+            loc.start_token = loc.end_token = None
+        for key in node.keys:
+            value = getattr(node, key, None)
+            if isinstance(value, Node):
+                stack.append(value)
+            elif isinstance(value, (tuple, list)):
+                stack.extend(v for v in value if isinstance(v, Node))
 
 
 # -- the worker process ------------------------------------------------------------------

@@ -11,13 +11,21 @@ change-feed follower (a `FeedListener`), fanning each change out to every subscr
   not sent, so versions only go forward, without duplicates.
 - Who may see what is checked on every message, as for a query: the entity's owner or staff.
 - A subscriber's transport takes a message or says it cannot (its queue is full): it is
-  then dropped, never buffered without bound."""
+  then dropped, never buffered without bound.
+- Fair (issue 25): the work of first states and of rounds is cut into pieces (a
+  subscription's admission, one entity's payload), at most `PIECES` of them started per turn
+  of the event loop, the waiting ones let go in turn per caller (`Turns`; rounds first). A first state's next message waits until its connection and its
+  caller have room (`Sink.room`: messages in flight, gateway/outbox.py), so it goes out as
+  fast as the client reads it and no faster."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+import weakref
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,16 +36,78 @@ from .auth import Caller
 from .errors import Forbidden, GatewayError, Unauthenticated
 from .execute import Fetched, execute_plan
 from .live import Feed, Live
+from .outbox import Budget
 from .resilience import Deadline
 from .source import Binding, EntitySource, Reader, Stale
 from .errors import format_errors
 
-__all__ = ["LiveHub", "Sink", "Subscription", "TooManySubscriptions"]
+__all__ = ["LiveHub", "Sink", "Subscription", "TooManySubscriptions", "Turns", "expires_in"]
 
 log = logging.getLogger("bookvault.live")
 # The hub reads as itself, with staff's reach: private entries it caches are its own
 # scope, and what it read reaches a subscriber only after the owner check below.
 HUB_CALLER = Caller("bookvault-live-hub", scopes=frozenset({"staff"}), staff=True)
+# Pieces of live work (an admission, one entity's payload) started per turn of the event
+# loop: each is ~0.02-0.5 ms of CPU (bench/live_bench.py), so a turn holds the loop a few ms.
+PIECES = 16
+
+
+def expires_in(caller: Caller | None, leeway: float) -> float | None:
+    """Seconds until `caller`'s rights end: its token's `exp` plus the leeway a token is
+    still accepted with (RFC 7519 §4.1.4); None for anonymous callers (public data only)."""
+    if caller is None or caller.expires is None:
+        return None
+    return caller.expires + leeway - time.time()
+
+
+class Turns:
+    """At most `pieces` pieces of live work started per turn of the event loop (what a turn
+    runs is what was ready when it began: a piece that ends without waiting would otherwise
+    let the next one start in the same turn, and a thousand of them hold the loop). Past
+    that, a piece waits for the next turn; waiting pieces are let go in turn per caller
+    (round robin: a caller with 500 subscriptions waits behind another caller's one, not
+    the other way round), `urgent` ones first (rounds, which serve everyone)."""
+
+    def __init__(self, pieces: int = PIECES) -> None:
+        self.pieces = pieces
+        self.started = 0  # pieces started in this turn
+        self.next_turn: asyncio.Handle | None = None  # when the count starts again
+        self.urgent: deque[asyncio.Future[None]] = deque()
+        self.queues: dict[Hashable, deque[asyncio.Future[None]]] = {}  # in turn order
+
+    async def take(self, who: Hashable, urgent: bool = False) -> None:
+        """Until this piece may start (at once when the turn has room and nobody waits)."""
+        if self.started < self.pieces and not self.urgent and not self.queues:
+            self._count(1)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if urgent:
+            self.urgent.append(waiter)
+        else:
+            self.queues.setdefault(who, deque()).append(waiter)
+        self._count(0)
+        await waiter
+
+    def _count(self, pieces: int) -> None:
+        self.started += pieces
+        if self.next_turn is None:  # call_soon: runs in the loop's next turn, after it polled
+            self.next_turn = asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        """A new turn: the count starts again with the waiting pieces let go, in turn."""
+        self.next_turn, self.started = None, 0
+        while self.started < self.pieces and (self.urgent or self.queues):
+            if self.urgent:
+                waiter = self.urgent.popleft()
+            else:
+                who = next(iter(self.queues))
+                queue = self.queues.pop(who)
+                waiter = queue.popleft()
+                if queue:
+                    self.queues[who] = queue  # to the back of the turn order
+            if not waiter.done():  # not cancelled meanwhile
+                waiter.set_result(None)
+                self._count(1)
 
 
 class TooManySubscriptions(GatewayError):
@@ -48,10 +118,22 @@ class Sink(Protocol):
     """Where one subscription's messages go (a WebSocket's or an SSE stream's queue)."""
 
     def next(self, payload: bytes) -> bool:
-        """Queue `payload` (a serialized execution result); False: the queue is full."""
+        """Queue `payload` (a serialized execution result); False: the queue is full (a slow
+        consumer). A transport that is closing anyway takes it (True) and never sends it."""
 
     def end(self, error: GatewayError | None) -> None:
         """The hub ends the subscription: an error (FORBIDDEN...), or None when the gateway stops."""
+
+    async def room(self) -> bool:
+        """Until the transport can take one more first-state message (its connection and
+        its caller have few enough messages in flight): True; False once it is closing."""
+
+    def full(self) -> bool:
+        """Whether a first-state message would have to wait now (what `room` waits out)."""
+
+    @property
+    def slow(self) -> bool:
+        """Whether the transport dropped this subscription's client as a slow consumer."""
 
     async def closed(self) -> None:
         """Until the transport has sent what `end` queued and closed (1001, `complete`)."""
@@ -63,6 +145,7 @@ class Subscription:
     caller: Caller | None
     sink: Sink
     sent: dict[int, tuple[int, ...]] = field(default_factory=dict)  # entity key -> versions sent
+    active: bool = True  # until it leaves the hub
 
     def allowed(self, owner: Any) -> bool:
         return self.caller is not None and self.caller.owns(owner)
@@ -84,7 +167,11 @@ class LiveHub:
         self.count = 0  # subscriptions held; these counts are /metrics' (gateway/metrics.py)
         self.rounds = 0
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # slow consumers' subscriptions
+        self.expired = 0  # subscriptions ended because their caller's token expired (the transports count)
+        self.pings_dropped = 0  # client pings not answered: past the rate (gateway/live_ws.py counts)
+        self.turns = Turns()
+        self._budgets: weakref.WeakValueDictionary[str, Budget] = weakref.WeakValueDictionary()
         self._bindings: dict[str, Binding] = {}
         self._owner: dict[str, str] = {}  # entity -> the attribute naming its owning customer
         self._watch: dict[str, tuple[str, str]] = {}  # event entity -> (followed entity, event field of its key)
@@ -151,12 +238,26 @@ class LiveHub:
                 await self._current(subscription, [feed.key])
             elif feed.live.current is not None:
                 await self._current(subscription, await feed.live.current(self._reader(), caller.customer_id))  # type: ignore[union-attr]
-        except BaseException:
-            self.leave(subscription)
+        except BaseException:  # refused, or cancelled (its connection closed: a slow consumer's counts)
+            (self.drop if sink.slow else self.leave)(subscription)
             raise
         return subscription
 
+    def budget(self, caller: Caller, limit: int) -> Budget:
+        """`caller`'s messages in flight across its connections (shared by its outboxes)."""
+        budget = self._budgets.get(caller.key)
+        if budget is None:
+            budget = self._budgets[caller.key] = Budget(limit)
+        return budget
+
+    def drop(self, subscription: Subscription) -> None:
+        """A slow consumer's subscription: it leaves, counted (its transport closes it)."""
+        if subscription.active:
+            self.dropped += 1
+        self.leave(subscription)
+
     def leave(self, subscription: Subscription) -> None:
+        subscription.active = False
         group = self._groups.get(self._group_id(subscription))
         if group is None or subscription not in group.subscriptions:
             return
@@ -236,7 +337,7 @@ class LiveHub:
             owner = getattr(value, self._owner[binding.entity])
             for group in (*followed.get(key, ()), *owners.get(owner, ())):
                 work.append((group, key, owner))
-        shaped = await asyncio.gather(*(self._shape(g.feed, k, fetched, reader) for g, k, _ in work),
+        shaped = await asyncio.gather(*(self._shape_in_turn(g.feed, k, fetched, reader) for g, k, _ in work),
                                       return_exceptions=True)
         for (group, key, owner), result in zip(work, shaped):
             if isinstance(result, BaseException):  # a bug: the other groups are still served
@@ -253,6 +354,7 @@ class LiveHub:
         reader = self._reader()
         found = await reader.read(binding, keys)
         fetched: Fetched = {id(binding): dict(found)}
+        who = subscription.caller.key if subscription.caller is not None else None
         for key in keys:
             value = found[key]
             if isinstance(value, Exception):
@@ -264,8 +366,21 @@ class LiveHub:
                 if subscription.feed.key is None:
                     continue
                 raise Forbidden(f"{binding.entity} {key} is not yours to follow")
+            # As fast as the client reads, not ahead of it; nothing more once it is closing.
+            while True:
+                if not await subscription.sink.room() or not subscription.active:
+                    return
+                await self.turns.take(who)
+                if not subscription.sink.full():  # others may have filled it while this waited its turn
+                    break
             payload, versions = await self._shape(subscription.feed, key, fetched, reader)
-            self._deliver(subscription, key, owner, payload, versions)
+            if subscription.active:
+                self._deliver(subscription, key, owner, payload, versions)
+
+    async def _shape_in_turn(self, feed: Feed, key: int, fetched: Fetched, reader: Reader
+                             ) -> tuple[bytes, tuple[int, ...]]:
+        await self.turns.take(None, urgent=True)
+        return await self._shape(feed, key, fetched, reader)
 
     async def _shape(self, feed: Feed, key: int, fetched: Fetched, reader: Reader) -> tuple[bytes, tuple[int, ...]]:
         data, errors, _ = await execute_plan(feed.plan, feed.variables_for(self.schema, key), reader, fetched)
@@ -289,8 +404,7 @@ class LiveHub:
         if subscription.sink.next(payload):
             self.sent += 1
         else:
-            self.dropped += 1
-            self.leave(subscription)  # a slow consumer: its transport closes it
+            self.drop(subscription)  # a slow consumer: its transport closes it
 
 
 def _value(found: Any) -> Any:

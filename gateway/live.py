@@ -13,6 +13,7 @@ subscribers."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,11 @@ __all__ = ["LIVE", "Live", "Feed", "declared", "follow", "prepare"]
 
 LIVE = "bookvault-live"
 KEY_VARIABLE = "bvLiveKey"  # the synthesized query's variable for the changed entity's id
+# Synthesized query texts by (document hash, operation name): printing a wide selection
+# costs ~2 ms, once per document rather than per subscribe (issue 25: a hundred subscribe
+# messages of one document in one read).
+_QUERIES: OrderedDict[tuple[str, str | None], str] = OrderedDict()
+_MAX_QUERIES = 1024
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ async def prepare(documents: DocumentCache, costs: CostAnalyzer, planner: Planne
     live: Live | None = (definition.metadata or {}).get(LIVE) if definition is not None else None
     if live is None or field_def is None:
         return [_refusal(f"{node.name.value} is not a live field")]
-    planned = await documents.load(_as_query(document, operation, node, live))
+    planned = await documents.load(_query_of(document, operation, node, live))
     if planned.errors:
         return planned.errors
     key = None
@@ -159,6 +165,19 @@ async def prepare(documents: DocumentCache, costs: CostAnalyzer, planner: Planne
     return Feed(live, planned, plan, variables, key,
                 (planned.hash, orjson.dumps(variables, option=orjson.OPT_SORT_KEYS), key),
                 tuple(b for b in live.related if id(b) in bindings))
+
+
+def _query_of(document: Document, operation: OperationDefinitionNode, node: FieldNode, live: Live) -> str:
+    """`_as_query`, remembered per document and operation (the text says all of it)."""
+    key = (document.hash, operation.name.value if operation.name else None)
+    text = _QUERIES.get(key)
+    if text is None:
+        text = _QUERIES[key] = _as_query(document, operation, node, live)
+        if len(_QUERIES) > _MAX_QUERIES:
+            _QUERIES.popitem(last=False)
+    else:
+        _QUERIES.move_to_end(key)
+    return text
 
 
 def _as_query(document: Document, operation: OperationDefinitionNode, node: FieldNode, live: Live) -> str:

@@ -8,8 +8,15 @@ graphql-core; the hub shares one read and one shaping per change.
 The stream is ``event: next`` per message and ``event: complete`` when it ends (refused,
 the gateway stopping). A refusal (bad document, UNAUTHENTICATED, FORBIDDEN...) is a `next`
 with the errors, then `complete`: EventSource would take a 4xx for a reason to give up.
-A comment line every `live_heartbeat` seconds keeps idle streams open; a reader slower
-than `live_queue` messages is cut off."""
+A comment line every `live_heartbeat` seconds keeps idle streams open; a slow reader is cut
+off where it is, without `complete` (gateway/outbox.py: too much in flight behind a send
+that does not return, or a send blocked for `live_send_timeout`).
+
+Rights end with the token (issue 25): when the caller's token expires (its `exp` plus the
+configured leeway), what is still queued is dropped and the stream ends with a `next`
+carrying UNAUTHENTICATED, then `complete` (a multipart part with the error, then the
+closing delimiter). The client subscribes again with a fresh token: each stream is one
+request, so that is the refresh."""
 
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .auth import Caller
-from .errors import GatewayError
-from .hub import Subscription
+from .errors import GatewayError, Unauthenticated
+from .hub import Subscription, expires_in
 from .live import Feed
 from .outbox import Outbox
 from .errors import format_errors
@@ -68,18 +75,37 @@ class _Sink:
         self.streaming: asyncio.Task[None] | None = None
 
     def next(self, payload: bytes) -> bool:
-        if self.outbox.put(self.framing.next(payload)):
-            return True
-        self.dropped = True  # a slow consumer: the stream is cut off where it is, no `complete`
+        if self.outbox.ended or self.outbox.put(self.framing.next(payload)):
+            return True  # queued, or the stream is ending anyway (not slowness)
+        self.cut()
+        return False
+
+    def cut(self) -> None:
+        """A slow consumer: the stream is cut off where it is, no `complete`."""
+        self.dropped = True
         if self.streaming is not None:
             self.streaming.cancel()
-        return False
 
     def end(self, error: GatewayError | None) -> None:
         if error is not None:
-            errors = [GraphQLError(str(error), extensions=error.extensions)]
-            self.outbox.put(self.framing.error(_errors(errors)), last=False)
+            self.fail([GraphQLError(str(error), extensions=error.extensions)])
         self.outbox.put(self.framing.complete, last=True)
+
+    def fail(self, errors: list[GraphQLError]) -> None:
+        """The errors that end the stream (`complete` follows)."""
+        self.outbox.put(self.framing.error(_errors(errors)), last=False)
+        self.outbox.put(self.framing.complete, last=True)
+
+    async def room(self) -> bool:
+        await self.outbox.room()
+        return not self.outbox.ended
+
+    def full(self) -> bool:
+        return self.outbox.full()
+
+    @property
+    def slow(self) -> bool:
+        return self.dropped
 
     async def closed(self) -> None:
         if self.streaming is not None:
@@ -111,36 +137,63 @@ async def serve_sse(state: GatewayState, feed: Feed, caller: Caller | None, scop
 
 async def stream_feed(state: GatewayState, feed: Feed, caller: Caller | None, receive: Receive, send: Send,
                       framing: Framing) -> None:
-    """The admitted subscription `feed`, streamed until it ends or the client leaves."""
-    assert state.live is not None
-    outbox = Outbox(state.settings.live_queue)
+    """The admitted subscription `feed`, streamed until it ends or the client leaves. The
+    stream starts before the first state: its messages wait for room in the outbox
+    (gateway/outbox.py), which the stream empties as the client reads."""
+    hub, settings = state.live, state.settings
+    assert hub is not None
+    outbox = Outbox(settings.live_queue, settings.live_queue_bytes, settings.live_send_timeout)
+    if caller is not None:
+        outbox.budgets = (hub.budget(caller, settings.live_caller_in_flight),)
     sink = _Sink(outbox, framing)
-    subscription: Subscription | None = None
-    try:
-        subscription = await state.live.subscribe(feed, caller, sink)
-    except GatewayError as exc:
-        sink.end(exc)
+    outbox.stalled = sink.cut
     await send({"type": "http.response.start", "status": 200, "headers": framing.headers})
     if framing.start:
         await send({"type": "http.response.body", "body": framing.start, "more_body": True})
     gone = asyncio.create_task(_disconnected(receive))
     gone.add_done_callback(lambda _: outbox.end())  # a client that left: stop at once
     sink.streaming = asyncio.create_task(_stream(outbox, send, framing.heartbeat))
+    subscription: Subscription | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+    def expired() -> None:
+        """The token's end: nothing more is sent but UNAUTHENTICATED, then the end."""
+        hub.expired += 1
+        if subscription is not None:
+            hub.leave(subscription)
+        outbox.clear()
+        sink.end(Unauthenticated("the token has expired; subscribe again with a fresh one"))
+
     try:
+        delay = expires_in(caller, settings.jwt.leeway)
+        if delay is not None:
+            expiry = asyncio.get_running_loop().call_later(max(0.0, delay), expired)
+        try:
+            subscription = await hub.subscribe(feed, caller, sink)
+        except GatewayError as exc:
+            sink.end(exc)
+        except Exception as exc:  # a bug: masked (and logged) by format_errors, the stream still ends
+            sink.fail([GraphQLError(str(exc), original_error=exc)])
+        if outbox.ended and subscription is not None:
+            hub.leave(subscription)  # it expired, or the client left, while its first state was sent
         await asyncio.gather(sink.streaming, return_exceptions=True)
     finally:
+        if expiry is not None:
+            expiry.cancel()
         gone.cancel()
+        sink.streaming.cancel()  # when something above failed
         if subscription is not None:
-            state.live.leave(subscription)
+            (hub.drop if sink.dropped else hub.leave)(subscription)
+        outbox.release()
     if not sink.dropped and not gone.done():
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _stream(outbox: Outbox, send: Send, heartbeat: bytes) -> None:
-    while (message := await outbox.get()) is not None:
-        outbox.sending = True
+    async def one(message: bytes) -> None:
         await send({"type": "http.response.body", "body": message or heartbeat, "more_body": True})
-        outbox.sending = False
+
+    await outbox.send_each(one)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -11,6 +11,7 @@ usual. Only whole answers are kept: no error, nothing stale, every read warm."""
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ __all__ = ["Memo", "Memos"]
 
 @dataclass(frozen=True, slots=True)
 class Memo:
-    plan: Plan
+    # Weakly: a plan lives with its document (gateway/documents.py), and an answer kept here
+    # must not keep a document the document cache let go (issue 25); with its plan gone, it
+    # is never given again.
+    plan: weakref.ref[Plan]
     # The answer's `data` as JSON, written once: the response embeds it as it is (orjson
     # writes a `Fragment` verbatim). A history's 50 KB of bytes, where its tree of dicts and
     # lists took several times that, and a warm answer is not serialized again.
@@ -62,7 +66,7 @@ class Memos:
 
     def recall(self, plan: Plan, key: Hashable, reader: Reader) -> Memo | None:
         memo = self._kept.get(key)
-        if memo is None or memo.plan is not plan or not reader.again(memo.reads):
+        if memo is None or memo.plan() is not plan or not reader.again(memo.reads):
             return None  # `plan`: not another plan made since at the same address
         self._kept.move_to_end(key)
         return memo
@@ -70,7 +74,7 @@ class Memos:
     def remember(self, plan: Plan, key: Hashable, data: dict[str, Any] | None, reads: list[Peeked]) -> orjson.Fragment:
         """Keep `data`; it comes back as the JSON kept, for this answer to be sent as it is too."""
         self._drop(key)
-        memo = self._kept[key] = Memo(plan, orjson.Fragment(orjson.dumps(data)), tuple(reads),
+        memo = self._kept[key] = Memo(weakref.ref(plan), orjson.Fragment(orjson.dumps(data)), tuple(reads),
                                       sum(len(r.entries) for r in reads))
         self._entities += memo.entities
         while self._kept and (len(self._kept) > self.max_answers or self._entities > self.max_entities):

@@ -38,6 +38,7 @@ __all__ = [
     "record_retry",
     "record_consistency",
     "LiveCollector",
+    "ConnectionCollector",
 ]
 
 # The breaker gauge's values: an alert on `> 0` catches every breaker that is not closed.
@@ -220,3 +221,32 @@ class LiveCollector:
         yield CounterMetricFamily("bookvault_live_slow_consumers", "Subscriptions dropped because their client "
                                   "did not read (WebSocket 4008)", value=hub.dropped)
         yield CounterMetricFamily("bookvault_live_rounds", "Rounds of changes read and fanned out", value=hub.rounds)
+        yield CounterMetricFamily("bookvault_live_expired", "Subscriptions ended because their caller's token "
+                                  "expired (WebSocket 4403, SSE UNAUTHENTICATED)", value=hub.expired)
+        yield CounterMetricFamily("bookvault_live_pings_dropped", "Client pings left unanswered: past "
+                                  "BOOKVAULT_LIVE_PING_RATE", value=hub.pings_dropped)
+
+
+class ConnectionCollector:
+    """The connection bounds' counts (gateway/connections.py), read when /metrics is scraped;
+    the server keeps plain integers, so a connection costs no series update."""
+
+    def __init__(self, connections: Any) -> None:
+        self.connections = connections
+
+    def collect(self) -> Iterator[Any]:
+        c = self.connections
+        yield GaugeMetricFamily("bookvault_connections_open", "Client connections this instance holds, "
+                                "WebSockets included", value=c.open)
+        yield GaugeMetricFamily("bookvault_connections_idle", "Of those, connections with no request in "
+                                "progress (the first closed when the cap is reached)", value=len(c.idle))
+        yield GaugeMetricFamily("bookvault_connections_limit", "The instance's connection cap "
+                                "(BOOKVAULT_MAX_CONNECTIONS, lowered to fit the file-descriptor limit)", value=c.limit)
+        yield GaugeMetricFamily("bookvault_streams_open", "WebSockets and event streams open", value=c.streams_open)
+        refused = CounterMetricFamily(
+            "bookvault_connections_refused", "Connections closed or requests refused by a connection bound, by "
+            "reason: head_timeout, body_timeout, head_too_large, idle_evicted (closed to make room at the cap), "
+            "instance_limit and address_limit (503), stream_limit", labels=["reason"])
+        for reason, count in c.refused.items():
+            refused.add_metric([reason], count)
+        yield refused

@@ -133,21 +133,24 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, schema: GraphQLSchema, size: int = 1024) -> None:
+    """Plans, each kept with its document (`Document.plans`, at most `size` per document:
+    one per operation and directive values), so they go when it goes (gateway/documents.py)."""
+
+    def __init__(self, schema: GraphQLSchema, size: int = 16) -> None:
         self.schema = schema
         self.size = size
-        self._plans: OrderedDict[tuple[Any, ...], Plan | None] = OrderedDict()
         self.planned = 0
 
     def plan(self, document: Document, operation: OperationDefinitionNode, variables: VariableValues,
              incremental: bool = False) -> Plan | None:
         """The plan of `operation`, made once per document, operation and directive values;
         `incremental` plans @defer and @stream (else they are ignored)."""
-        key = (document.hash, operation.name.value if operation.name else None, incremental,
+        plans = document.plans
+        key = (operation.name.value if operation.name else None, incremental,
                *(variables.coerced.get(v) for v in document.directive_variables))
         try:
-            plan = self._plans[key]
-            self._plans.move_to_end(key)
+            plan: Plan | None = plans[key]
+            plans.move_to_end(key)
             return plan
         except KeyError:
             pass
@@ -156,9 +159,9 @@ class Planner:
         except Unsupported:
             plan = None
         self.planned += 1
-        self._plans[key] = plan
-        if len(self._plans) > self.size:
-            self._plans.popitem(last=False)
+        plans[key] = plan
+        if len(plans) > self.size:
+            plans.popitem(last=False)
         return plan
 
 

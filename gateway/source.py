@@ -271,8 +271,11 @@ class Reader:
         with a `query` (a page's ``&limit=20``) has entries of its own beside the others of
         the key: an event or an eviction drops them all."""
         policy = self.source.policy(binding)
-        if self.source.cache is None or policy is None or policy.ttl <= 0:
-            return None  # a TTL of 0 turns the cache off for the type: nothing read or written
+        if self.source.cache is None or policy is None or policy.ttl + policy.max_stale <= 0:
+            # Nothing to keep. A TTL of 0 alone is "always revalidate" (README, "The versioned
+            # cache"): entries are never fresh, so every read asks the service, and are kept
+            # for max-stale, to be served when it fails (issue 25).
+            return None
         if policy.private:
             # Private data is cached per caller and never for anonymous callers (ARCHITECTURE.md).
             return (policy, f"u:{self.identity}{query}") if self.identity else None

@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode, SpanKind
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import GatewayError
@@ -179,6 +180,10 @@ class TelemetryMiddleware:
             try:
                 with telemetry.metrics.bound():
                     await self.app(scope, receive, send_with_trace_id)
+            except ClientDisconnect:
+                # The client hung up before its answer (mid-body): nothing to send, nothing wrong
+                # here, so no 500 and no traceback; logged as nginx's 499 "client closed request".
+                status = 499
             finally:
                 _REQUEST.reset(token)
                 seconds = time.perf_counter() - started

@@ -16,6 +16,7 @@ client accepts (`Accept`, negotiated once, below):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = ["Accept", "GraphQLView", "GRAPHQL_RESPONSE", "read_params"]
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 JSON = "application/json"
 _ZERO = ("0", "0.0", "0.00", "0.000")
+_DEADLINE = DEADLINE_HEADER.lower().encode("latin-1")
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,9 @@ class GraphQLView:
             # A browser: GraphiQL, which reads a shared link's parameters into its editors.
             await graphiql_response(Request(scope))(scope, receive, send)
             return
-        request = Request(scope, _capped(receive, self.settings.max_request_bytes))
         # The request's budget starts now: reading, parsing and validation spend it too.
-        deadline = Deadline.for_request(self.settings.resilience.deadline, request.headers.get(DEADLINE_HEADER))
+        deadline = Deadline.for_request(self.settings.resilience.deadline, _header(scope, _DEADLINE))
+        request = Request(scope, _capped(receive, self.settings.max_request_bytes, deadline))
         try:
             params = await read_params(request)
             await self.run(request, params, accept, deadline, send)
@@ -214,13 +216,26 @@ async def read_params(request: Request) -> Params:
     return Params.of(raw, len(body))
 
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    """The request body, refused with 413 once it passes `limit` bytes: never buffered whole."""
+def _capped(receive: Receive, limit: int, deadline: Deadline) -> Receive:
+    """The request body, refused with 413 once it passes `limit` bytes (never buffered whole),
+    and with 408 when it has not all come by the request's deadline: a stalled or trickled
+    body is not read for longer than the request may last (issue 25). Once the body is in,
+    what is received next (a disconnect, for a stream) is waited for without a limit."""
     seen = 0
+    whole = False
 
     async def capped() -> Message:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, whole
+        if whole:
+            return await receive()
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                message = await receive()
+        except TimeoutError:
+            # `connection: close`: the rest of the body is not read; the connection cannot carry another request.
+            raise Refused.http(408, "the request body did not arrive within the request's deadline",
+                               "REQUEST_TIMEOUT", headers={"connection": "close"}) from None
+        whole = message["type"] != "http.request" or not message.get("more_body", False)
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:

@@ -1,6 +1,7 @@
 """The GraphQL types: names for frontend developers, not copies of REST payloads
-(ARCHITECTURE.md, "Schema"). Fields backed by another service are nullable, so a failing
-service nulls that field, not the whole order.
+(ARCHITECTURE.md, "Schema"). Fields backed by another service than their parent's are
+nullable, so a failing service nulls that field, not the whole order or customer
+(tests/test_nullability.py holds every relation to it).
 
 A field that reads another entity declares its `Relation`; its resolver is the generic
 `resolve` (the reference execution), and the planner reads the same declaration."""
@@ -271,9 +272,12 @@ class Customer:
     tier: str
     version: int
 
-    @strawberry.field(description="This customer's orders, newest first.",
+    # Nullable: the orders service backs it, not the customers service (ARCHITECTURE.md,
+    # "Schema"); with orders down, the customer keeps its name and tier (issue 25).
+    @strawberry.field(description="This customer's orders, newest first (null, with the error at its path, when "
+                                  "the orders service cannot answer).",
                       metadata=Relation(ORDER_PAGES, via="id", paged=True).metadata())
-    async def orders(self, info: Ctx, first: int = 10, after: str | None = None) -> OrderConnection:
+    async def orders(self, info: Ctx, first: int = 10, after: str | None = None) -> OrderConnection | None:
         return await resolve(info, self, first=first, after=after)
 
     @classmethod

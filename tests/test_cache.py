@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import socket
 import subprocess
+import time
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 
-from gateway.cache import FORMAT
-from gateway.config import ResilienceConfig, Settings
-from shop import Shop, as_customer, running_gateway
+from gateway.cache import FORMAT, CachePolicy, EntityCache, Entry, MemoryLevel, RedisLevel
+from gateway.config import RateLimit, ResilienceConfig, Settings
+from gateway.persisted import QueryStore
+from gateway.ratelimit import Limiter
+from shop import Shop, as_customer, own_redis, running_gateway
 
 REDIS = "redis://127.0.0.1:6379/0"
 HISTORY = """query($id: ID!) { customer(id: $id) { name orders(first: 20) { nodes { id
@@ -176,7 +182,7 @@ async def test_a_new_order_drops_the_customers_cached_pages(shop: Shop) -> None:
         assert len((await shop.calls())["orders"]) == 2  # each size's page read again, once
 
 
-async def test_a_ttl_of_0_in_the_environment_turns_off_caching_of_pages_too(shop: Shop) -> None:
+async def test_a_ttl_of_0_in_the_environment_revalidates_pages_too(shop: Shop) -> None:
     """BOOKVAULT_CACHE_ORDERPAGE_TTL=0 (the type `orderPage`, upper-cased) reads a customer's page every time."""
     overrides = Settings.from_env({"BOOKVAULT_CACHE_ORDERPAGE_TTL": "0"}).cache_overrides
     query = "query($id: ID!) { customer(id: $id) { orders(first: 3) { nodes { id } } } }"
@@ -300,3 +306,181 @@ async def test_an_expired_local_entry_is_refreshed_from_redis_before_the_service
         assert (await count_calls(shop))["catalog"] == 2
         assert (await ask(b, BOOK, id="51"))["data"]["book"]["id"] == "51"
         assert (await count_calls(shop))["catalog"] == 0
+
+
+class HeldFeed(httpx.AsyncBaseTransport):
+    """A service's change feed whose long-polls (all but the follower's first look at the head,
+    `wait=0`) wait while `flowing` is clear, and whose pages leave out the seqs in `hide`: a
+    slow catch-up, a lost event."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.held = asyncio.Event()  # a poll is waiting for `flowing`
+        self.hide: set[int] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        following = request.url.path == "/events" and request.url.params.get("wait") != "0"
+        if following and not self.flowing.is_set():
+            self.held.set()
+            await self.flowing.wait()
+        response = await self.inner.handle_async_request(request)
+        if not following or not self.hide:
+            return response
+        page = json.loads(await response.aread())
+        page["events"] = [e for e in page["events"] if e["seq"] not in self.hide]
+        return httpx.Response(response.status_code, json=page)
+
+
+async def test_a_hole_in_the_middle_of_a_feed_page_drops_the_services_entries(shop: Shop) -> None:
+    """A page whose first seq follows the cursor but which lacks one further on is a gap: the book it hid is read anew."""
+    feed = HeldFeed(shop.transports["catalog"])
+    async with running_gateway(shop, {"catalog": feed}) as (client, app):
+        feeds = app.state.gateway.feeds
+        assert (await ask(client, BOOK, id="5"))["data"]["book"]["version"] == 1
+        feed.flowing.clear()
+        await asyncio.wait_for(feeds.reached("catalog", await patch_price(shop, 6, "6.66")), 10)
+        await asyncio.wait_for(feed.held.wait(), 10)  # the next poll waits: the next three events make one page
+        await patch_price(shop, 8, "8.88")
+        feed.hide = {await patch_price(shop, 5, "5.55")}  # the page's middle event is lost
+        last = await patch_price(shop, 9, "9.99")
+        feed.flowing.set()
+        await asyncio.wait_for(feeds.reached("catalog", last), 10)
+        await shop.reset_stats()
+        book = (await ask(client, BOOK, id="5"))["data"]["book"]
+    assert (book["version"], book["price"]) == (2, {"amount": "5.55"})
+    assert (await count_calls(shop))["catalog"] == 1
+
+
+async def test_a_restarted_gateway_is_ready_only_once_its_feeds_have_caught_up(shop: Shop, namespace: str) -> None:
+    """A book changed while no gateway ran: the next one answers /readyz 503 until its feed has applied that change, then serves it."""
+    async with running_gateway(shop, redis_url=REDIS, cache_namespace=namespace) as (client, _):
+        assert (await ask(client, BOOK, id="33"))["data"]["book"]["version"] == 1  # now in Redis too
+    async with shop.client("catalog") as catalog:
+        changed = await catalog.patch("/books/33", json={"title": "Changed while every gateway was down"})
+        seq = int(changed.headers["x-feed-seq"])
+    feed = HeldFeed(shop.transports["catalog"])
+    feed.flowing.clear()  # the catch-up from the saved cursor takes its time
+    async with running_gateway(shop, {"catalog": feed}, redis_url=REDIS, cache_namespace=namespace) as (client, app):
+        await asyncio.wait_for(feed.held.wait(), 10)
+        catching_up = await client.get("/readyz")
+        assert catching_up.status_code == 503, catching_up.text
+        assert catching_up.json()["feeds"]["catalog"] == {"status": "failing"}
+        feed.flowing.set()
+        await asyncio.wait_for(app.state.gateway.feeds.reached("catalog", seq), 10)
+        ready = await client.get("/readyz")
+        assert (ready.status_code, ready.json()["status"]) == (200, "ready")
+        book = (await ask(client, BOOK, id="33"))["data"]["book"]
+    assert (book["title"], book["version"]) == ("Changed while every gateway was down", 2)
+
+
+# -- TTL 0: always revalidate (README, "The versioned cache") -----------------------------------
+
+
+async def test_a_ttl_of_0_reads_every_time_yet_serves_stale_when_the_service_fails(shop: Shop) -> None:
+    """BOOKVAULT_CACHE_BOOK_TTL=0: each query asks the catalog; with the catalog failing, the kept book is served
+    marked stale until max-stale, then null with the error."""
+    clock = Clock()
+    overrides = Settings.from_env({"BOOKVAULT_CACHE_BOOK_TTL": "0", "BOOKVAULT_CACHE_BOOK_MAX_STALE": "600"}).cache_overrides
+    async with running_gateway(shop, wall_clock=clock, cache_overrides=overrides, service={"retries": 0}) as (client, _):
+        fresh = [await ask(client, BOOK, id="2") for _ in range(3)]
+        assert (await count_calls(shop))["catalog"] == 3  # never served from memory while the catalog answers
+        await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/books"])
+        clock.now += 30
+        stale = await ask(client, BOOK, id="2")
+        assert stale["data"] == fresh[0]["data"] and "errors" not in stale
+        assert stale["extensions"]["stale"] == [{"path": ["book"], "service": "catalog", "version": 1, "ageMs": 30_000}]
+        clock.now += 600
+        gone = await ask(client, BOOK, id="2")
+    assert gone["data"] == {"book": None} and gone["errors"][0]["extensions"]["code"] == "UPSTREAM_UNAVAILABLE"
+
+
+# -- a paused Redis (issue 25: a request once waited 5.1 s) --------------------------------------
+
+
+@pytest.fixture
+def lost_cancellations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Redis read goes on reading when its caller is cancelled, as one does when
+    Python 3.11's `asyncio.wait_for` drops a cancellation that arrives as the command's
+    write completes (CPython gh-86296): the rare race behind the 5.1 s request, made certain."""
+    read = Connection.read_response
+
+    async def stubborn(self: Connection, *args: Any, **kwargs: Any) -> Any:
+        reading = asyncio.ensure_future(read(self, *args, **kwargs))
+        while True:
+            try:
+                return await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                continue
+
+    monkeypatch.setattr(Connection, "read_response", stubborn)
+
+
+async def timed(call: Any) -> float:
+    started = time.perf_counter()
+    await call
+    return time.perf_counter() - started
+
+
+async def test_each_redis_client_gives_up_on_a_paused_redis_within_its_limit(lost_cancellations: None) -> None:
+    """Redis SIGSTOPped, cancellations lost: L2 reads and writes, floor raises, persisted queries and the rate limit
+    each give up within a few times the 50 ms limit (redis-py's 5 s socket timeout before), and answer from memory."""
+    with own_redis() as (url, server):
+        redis = RedisLevel(url, timeout=0.05, rest=0.0)
+        cache = EntityCache(MemoryLevel(100), redis)
+        store = QueryStore(10, url, timeout=0.05, rest=0.0)
+        limiter = Limiter(RateLimit(rate=100.0, burst=100), url, timeout=0.05)
+        policy = CachePolicy(0.0, 60.0)
+        entry = Entry({"id": 1, "version": 1}, 1, time.time(), "catalog")
+        try:
+            await cache.put_many("book", "public", {1: entry}, policy)  # the pools hold live connections
+            await store.put("ab" * 32, "{ book(id: 1) { id } }")
+            assert await limiter.wait("a:test") == 0
+            server.send_signal(signal.SIGSTOP)
+            calls = {"l2.get": lambda: cache.get_many("book", "public", [1], policy),
+                     "l2.put": lambda: cache.put_many("book", "public", {1: entry}, policy),
+                     "floors": lambda: cache.invalidate_many([("book", 9, 2, 60.0)]),
+                     "apq.get": lambda: store.get("cd" * 32),
+                     "ratelimit": lambda: limiter.wait("a:test")}
+            worst = {name: max(await asyncio.gather(*(timed(call()) for _ in range(10)))) for name, call in calls.items()}
+            assert all(seconds < 0.5 for seconds in worst.values()), worst
+            found, fresh = await cache.get_many("book", "public", [1], policy)
+            assert found == {1: entry} and not fresh  # from memory
+        finally:
+            server.send_signal(signal.SIGCONT)
+            await asyncio.gather(redis.close(), store.close(), limiter.aclose())
+
+
+async def test_with_redis_paused_no_query_waits_past_the_redis_limit(shop: Shop, lost_cancellations: None) -> None:
+    """Anonymous book queries whose entries are past their TTL, Redis SIGSTOPped: each is answered (from the catalog)
+    in well under the 2 s deadline, however its Redis lookups are cancelled."""
+    clock = Clock()
+    with own_redis() as (url, server):
+        # No floor channel: its subscription reads without a limit on purpose (and would not stop here).
+        async with running_gateway(shop, wall_clock=clock, headers={}, redis_url=url, redis_timeout=0.05,
+                                   redis_rest=0.0, floor_channel=False) as (client, _):
+            ids = [str(i) for i in range(1, 21)]
+            for book in ids:
+                assert (await ask(client, BOOK, id=book))["data"]["book"]["id"] == book
+            clock.now += 31  # past the books' TTL: each query looks in Redis before the catalog
+            server.send_signal(signal.SIGSTOP)
+            try:
+                started = time.perf_counter()
+                bodies = await asyncio.gather(*(ask(client, BOOK, id=book) for book in ids))
+                elapsed = time.perf_counter() - started
+            finally:
+                server.send_signal(signal.SIGCONT)
+    assert [body["data"]["book"]["id"] for body in bodies] == ids and not any("errors" in b for b in bodies)
+    assert elapsed < 1.0, f"20 queries took {elapsed * 1000:.0f} ms with Redis paused"
+
+
+async def test_a_feed_that_cannot_be_read_does_not_keep_the_gateway_unready(shop: Shop) -> None:
+    """The catalog's feed failing from the start: /readyz still answers 200 (its entries are revalidated instead), and books are served."""
+    await shop.faults("catalog", errorRate=1.0, errorStatus=503, paths=["/events"])
+    async with running_gateway(shop, wait_feeds=False) as (client, _):
+        async with asyncio.timeout(10):
+            while (ready := await client.get("/readyz")).status_code != 200:  # what a load balancer does: ask again
+                await asyncio.sleep(0.02)
+        assert ready.json()["feeds"]["catalog"] == {"status": "ok"}
+        assert (await ask(client, BOOK, id="34"))["data"]["book"]["version"] == 1

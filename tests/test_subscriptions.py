@@ -8,15 +8,18 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import websockets
 
 from gateway.auth import mint
-from shop import TEST_SECRET, Shop, on_a_real_port, running_gateway
+from gateway.config import JwtConfig
+from shop import TEST_SECRET, Shop, health_latencies, on_a_real_port, running_gateway
 
 ORDER = "subscription($id: ID!) { orderUpdated(id: $id) { id status version customer { name } } }"
 
@@ -481,3 +484,180 @@ async def test_an_sse_client_that_does_not_read_is_cut_off(shop: Shop) -> None:
         sock.close()
     assert received.startswith(b"HTTP/1.1 200") and b"event: next" in received
     assert b"event: complete" not in received  # cut off where it was, not completed
+
+
+# A wide selection (the order's lines four times over, ~4 KiB a message): the 2,000 first
+# messages of 100 myOrdersUpdated (~8 MiB) are more than a socket's kernel buffers take.
+ITEMS = ("items { quantity titleAtPurchase unitPrice { amount currency } book { title isbn publishedYear "
+         "price { amount currency } author { name bio } } }")
+WIDE = ("subscription { myOrdersUpdated { id status version placedAt total { amount currency } "
+        + " ".join(f"l{n}: {ITEMS}" for n in range(4)) + " customer { name email } payment { status } "
+        "shipment { status } } }")
+
+
+async def customer_with_twenty_orders(shop: Shop) -> int:
+    async with shop.client("orders") as client:
+        for customer in range(1, 500):
+            page = (await client.get("/orders", params={"customerId": customer, "limit": 20})).json()["data"]
+            if len(page) == 20:
+                return customer
+    raise AssertionError("no customer with 20 orders in the seeded data")
+
+
+async def raw_websocket(url: str, messages: list[dict[str, Any]]) -> socket.socket:
+    """A WebSocket on a raw socket (for a client that will not read): the handshake, then
+    `messages` sent at once."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, f"GET /graphql HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)  # byte by byte: nothing past the head is taken
+    assert head.startswith(b"HTTP/1.1 101")
+    await loop.sock_sendall(sock, b"".join(map(frame, messages)))
+    return sock
+
+
+def frames_in(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The whole server frames (unmasked, RFC 6455 §5.2) at the start of `buffer`, as
+    (opcode, payload), and the rest."""
+    frames = []
+    while len(buffer) >= 2:
+        size, at = buffer[1] & 0x7F, 2
+        if size == 126:
+            size, at = int.from_bytes(buffer[2:4], "big"), 4
+        elif size == 127:
+            size, at = int.from_bytes(buffer[2:10], "big"), 10
+        if len(buffer) < at + size:
+            break
+        frames.append((buffer[0] & 0x0F, buffer[at:at + size]))
+        buffer = buffer[at + size:]
+    return frames, buffer
+
+
+async def read_to_close(sock: socket.socket) -> tuple[int | None, int]:
+    """Frames until the server's close frame (RFC 6455 §5.5.1) or the end: its code, and the
+    `next` messages read before it."""
+    loop, buffer, nexts = asyncio.get_running_loop(), b"", 0
+    async with asyncio.timeout(10):
+        while chunk := await loop.sock_recv(sock, 1 << 16):
+            frames, buffer = frames_in(buffer + chunk)
+            for opcode, payload in frames:
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big"), nexts
+                nexts += b'"type":"next"' in payload[:64]
+    return None, nexts
+
+
+async def test_never_reading_sockets_are_closed_as_slow_consumers_and_the_loop_stays_free(shop: Shop) -> None:
+    """5 sockets x 100 myOrdersUpdated (20 wide first messages each) never read: /healthz stays under 100 ms, first states stop at what the sockets hold, each socket is closed with 4008."""
+    customer = await customer_with_twenty_orders(shop)
+    init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {token(customer)}"}}
+    subscribes = [{"id": str(n), "type": "subscribe", "payload": {"query": WIDE}} for n in range(100)]
+    async with live(shop, live_send_timeout=1.0) as (url, app), \
+            httpx.AsyncClient(base_url=url, timeout=10) as probe:
+        hub = app.state.gateway.live
+        async with WsClient.connect(url, token(customer)) as warm:  # the document and the orders in memory
+            await warm.subscribe("warm", WIDE)
+            for _ in range(20):
+                await warm.receive()
+        sockets = [await raw_websocket(url, [init, *subscribes]) for _ in range(5)]
+        try:
+            async def released() -> None:
+                async with asyncio.timeout(20):  # a sanity bound; bench/live_bench.py has the figures
+                    while hub.count or not hub.dropped:
+                        await asyncio.sleep(0.05)
+
+            waiting = asyncio.ensure_future(released())
+            latencies = await health_latencies(probe, waiting)
+            await waiting
+            closes = await asyncio.gather(*(read_to_close(sock) for sock in sockets))
+            metrics = (await probe.get("/metrics")).text
+        finally:
+            for sock in sockets:
+                sock.close()
+    # The issue's target (~30 ms here; ~170 ms when a turn of the loop runs every piece that
+    # is ready, hub.Turns); bench/live_bench.py has the figures of a gateway of its own.
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    assert [code for code, _ in closes] == [4008] * 5, closes
+    # The first states went out as the sockets took them (a few MiB each): not all 10,000.
+    queued = next(line for line in metrics.splitlines() if line.startswith("bookvault_live_messages_total"))
+    assert float(queued.split()[1]) < 10_000 - 1000, queued
+
+
+async def test_a_slow_reader_gets_its_whole_first_state_at_its_own_pace(shop: Shop) -> None:
+    """20 myOrdersUpdated (400 wide first messages, ~1.6 MiB) read 4 KiB at a time, slower than they are made: every one arrives, no 4008."""
+    customer = await customer_with_twenty_orders(shop)
+    init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {token(customer)}"}}
+    subscribes = [{"id": str(n), "type": "subscribe", "payload": {"query": WIDE}} for n in range(20)]
+    async with live(shop, send_buffer=4096) as (url, app):
+        sock = await raw_websocket(url, [init, *subscribes])
+        try:
+            loop, buffer, nexts, frames = asyncio.get_running_loop(), b"", 0, []
+            async with asyncio.timeout(20):
+                while nexts < 400:
+                    chunk = await loop.sock_recv(sock, 4096)
+                    assert chunk, "closed"
+                    buffer += chunk
+                    frames, buffer = frames_in(buffer)
+                    assert all(opcode != 0x8 for opcode, _ in frames), frames  # no close frame
+                    nexts += sum(b'"type":"next"' in payload[:64] for _, payload in frames)
+                    await asyncio.sleep(0.002)  # the client's own pace: ~2 MB/s
+        finally:
+            sock.close()
+        assert app.state.gateway.live.dropped == 0
+
+
+async def test_a_subscription_ends_with_unauthenticated_when_its_token_expires(shop: Shop) -> None:
+    """A token that expires (1-2 s, leeway 0.5 s): the WebSocket is closed with 4403 UNAUTHENTICATED, SSE and multipart end with the error then complete; a fresh token subscribes again."""
+    order = await order_of(shop, "PLACED")
+    short = mint(TEST_SECRET, "user-short", customer=order["customerId"], ttl=2)
+    ends_at = jwt.decode(short, options={"verify_signature": False})["exp"] + 0.5
+    multipart = {"accept": 'multipart/mixed;subscriptionSpec="1.0",application/json',
+                 "authorization": f"Bearer {short}"}
+    body = {"query": ORDER, "variables": {"id": str(order["id"])}}
+    async with live(shop, jwt=JwtConfig(secret=TEST_SECRET, leeway=0.5)) as (url, app), \
+            WsClient.connect(url, short) as ws, sse(url, ORDER, short, id=str(order["id"])) as events, \
+            httpx.AsyncClient(timeout=10) as client, client.stream("POST", f"{url}/graphql", json=body,
+                                                                   headers=multipart) as parts:
+        hub = app.state.gateway.live
+        await ws.subscribe("1", ORDER, id=str(order["id"]))
+        assert (await ws.receive())["type"] == "next"
+        assert (await next_event(events))[0] == "next"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.receive()  # waits for the token's end (receive allows 10 s)
+        assert time.time() >= ends_at - 0.05  # not before the token's end with its leeway
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        assert closed.value.rcvd.reason.startswith("UNAUTHENTICATED")
+        event, data = await next_event(events)
+        assert (event, data["errors"][0]["extensions"]["code"]) == ("next", "UNAUTHENTICATED")
+        assert (await next_event(events))[0] == "complete"
+        async with asyncio.timeout(10):
+            streamed = b"".join([chunk async for chunk in parts.aiter_bytes()])
+        assert b'"payload":null,"errors"' in streamed and b"UNAUTHENTICATED" in streamed
+        assert streamed.endswith(b"--graphql--\r\n")
+        assert hub.count == 0 and hub.expired == 3
+        # The refresh: a new connection with a fresh token (connection_init is one-shot).
+        async with WsClient.connect(url, token(order["customerId"])) as again:
+            await again.subscribe("2", ORDER, id=str(order["id"]))
+            assert (await again.receive())["type"] == "next"
+
+
+async def test_pings_past_the_rate_are_dropped_and_a_flood_closes_the_connection(shop: Shop) -> None:
+    """graphql-ws pings: the first ten get a pong, then one a second; 300 at once: few pongs, then a 1008 close."""
+    async with live(shop, live_ping_rate=1.0) as (url, app), WsClient.connect(url) as ws:
+        for _ in range(300):
+            await ws.send({"type": "ping"})
+        pongs = 0
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                pongs += (await ws.receive())["type"] == "pong"
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert 10 <= pongs <= 12
+        assert app.state.gateway.live.pings_dropped >= 100
+
