@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ports import free_ports
 from backends import BACKENDS, Postgres, ServiceDatabases, postgres_session, seed_sqlite, service_databases
 from mock_services import SERVICES, create_app
 from shop import gateway, namespace, on_a_real_port, shop  # noqa: F401  (fixtures for the gateway's tests)
@@ -112,16 +112,8 @@ async def orders(service: OpenService) -> httpx.AsyncClient:
 
 @pytest.fixture
 def unused_ports() -> Callable[[int], list[int]]:
-    """`unused_ports(6)`: distinct free ports on 127.0.0.1 (held open together while chosen)."""
-
-    def ports(count: int) -> list[int]:
-        with contextlib.ExitStack() as stack:
-            sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-            for sock in sockets:
-                sock.bind(("127.0.0.1", 0))
-            return [int(sock.getsockname()[1]) for sock in sockets]
-
-    return ports
+    """`unused_ports(6)`: distinct free ports on 127.0.0.1, outside the ephemeral range (tests/ports.py)."""
+    return free_ports
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
+from ports import free_port
 from bookvault import create_app
 from gateway import Settings
 from gateway.auth import mint
@@ -275,9 +276,7 @@ def http_answer(status: str, content_type: str, body: bytes, headers: Mapping[st
 def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of the test's own on a free port (its URL and process), stopped after:
     a test may pause (SIGSTOP) or stop it without disturbing anybody else's Redis."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # outside the ephemeral range: nothing else takes it before redis binds
     process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from gateway.cache import FORMAT, CachePolicy, EntityCache, Entry, MemoryLevel, 
 from gateway.config import RateLimit, ResilienceConfig, Settings
 from gateway.persisted import QueryStore
 from gateway.ratelimit import Limiter
+from ports import free_port
 from shop import Shop, as_customer, own_redis, running_gateway
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -214,9 +214,7 @@ async def test_private_records_never_cross_callers(shop: Shop, namespace: str) -
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # outside the ephemeral range: nothing else takes it before the child binds
 
 
 def start_redis(port: int) -> subprocess.Popen[bytes]:

@@ -30,6 +30,7 @@ from websockets.typing import Subprotocol
 from gateway.config import ConnectionLimits
 from gateway.serve import server
 from process_tree import end
+from ports import free_port
 from shop import Shop, as_customer, closed_port_url, running_gateway
 
 MARGIN = 1.5  # seconds a bound may be late by on two loaded cores
@@ -75,9 +76,7 @@ class Gateway:
 async def gateway(tmp_path: Path, nofile: int | None = None, **settings: str) -> AsyncIterator[Gateway]:
     """`bookvault gateway` with `settings` (BOOKVAULT_* without the prefix) and no services
     behind it (nothing here reads them); `nofile`: its file-descriptor limit (prlimit)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # outside the ephemeral range (tests/ports.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BOOKVAULT_", "REDIS_URL", "OTEL_"))}
     env |= {f"BOOKVAULT_{name.upper()}_URL": closed_port_url() for name in ("customers", "catalog", "inventory",
                                                                            "orders", "payments", "shipping")}

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,6 +23,7 @@ import yaml
 
 from backends import PG_ADMIN, run_in_thread
 from gateway.config import DEFAULT_PORTS, Settings
+from ports import free_port
 from shop import STAFF, TEST_SECRET
 from mock_services.runner import Child
 from mock_services.runner import _wait_ready as wait_ready
@@ -166,9 +166,7 @@ def test_jaeger_takes_otlp_over_http_and_shows_its_ui(compose: dict[str, Any]) -
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # outside the ephemeral range: nothing else takes it before the child binds
 
 
 def test_compose_commands_run_as_written_and_one_trace_spans_all_seven_processes(
@@ -278,7 +276,11 @@ def test_postgres_profile_commands_run_as_written(compose: dict[str, Any], tmp_p
             child.process = subprocess.Popen(child.argv, env=environment(name), stdout=subprocess.DEVNULL,
                                              stderr=(tmp_path / f"{name}.log").open("wb"))
             children.append(child)
-        assert wait_ready(children, 120) == []
+        try:
+            assert wait_ready(children, 120) == []
+        except SystemExit as exc:  # a child died while starting: say what it printed
+            logs = {c.name: (tmp_path / f"{c.name}.log").read_text()[-2000:] for c in children}
+            raise AssertionError(f"{exc}: {logs}") from None
         for child in children:
             check = argv(compose["services"][child.name]["healthcheck"]["test"][1:])
             assert subprocess.run(check, capture_output=True, timeout=30).returncode == 0, child.name

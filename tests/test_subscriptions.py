@@ -19,6 +19,7 @@ import websockets
 
 from gateway.auth import mint
 from gateway.config import JwtConfig
+from ports import free_port
 from shop import TEST_SECRET, Shop, health_latencies, on_a_real_port, running_gateway
 
 ORDER = "subscription($id: ID!) { orderUpdated(id: $id) { id status version customer { name } } }"
@@ -367,9 +368,7 @@ async def test_stopping_the_gateway_process_tells_subscribers_before_connections
     command = Path(sys.executable).with_name("bookvault")
     async with contextlib.AsyncExitStack() as stack:
         urls = {name: await stack.enter_async_context(on_a_real_port(app)) for name, app in shop.apps.items()}
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()  # outside the ephemeral range (tests/ports.py)
         env = os.environ | {f"BOOKVAULT_{n.upper()}_URL": u for n, u in urls.items()} | {
             "BOOKVAULT_PORT": str(port), "BOOKVAULT_JWT_SECRET": TEST_SECRET}
         process = await asyncio.create_subprocess_exec(str(command), "gateway", env=env, start_new_session=True,
