@@ -79,6 +79,15 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _workers(raw: str) -> int:
+    from gateway.config import parse_workers
+
+    try:
+        return parse_workers(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 or `auto`, not {raw!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bookvault", description="BookVault gateway and services")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             setup.add_argument("--database-url", metavar="TEMPLATE", default=argparse.SUPPRESS,
                                help="the services' database URLs, as for `bookvault services`; each names the "
                                     "service's role, its password (if any) and its database")
-    commands.add_parser("gateway", help="start the gateway")
+    sub = commands.add_parser("gateway", help="start the gateway")
+    sub.add_argument("--workers", type=_workers, metavar="N",
+                     help="gateway processes sharing the port, supervised: a whole number, or `auto` (the cores "
+                          "this process may use); default BOOKVAULT_WORKERS, else 1")
     sub = commands.add_parser("token", help="print a signed token (HS256) for the demo: paste it into GraphiQL's "
                                             "headers as {\"Authorization\": \"Bearer <token>\"}")
     who = sub.add_mutually_exclusive_group(required=True)
@@ -118,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                                                "(Apollo's persisted-query manifest format)")
     sub.add_argument("-o", "--output", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # a malformed BOOKVAULT_* variable: its name and why, no traceback
+        print(f"bookvault: {exc}", file=sys.stderr)
+        return 2
 
     if args.command in ("services", "demo"):
         from mock_services.errors import StartupError
@@ -145,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
                         port_variable="BOOKVAULT_PORT")
         return supervise(children + [gateway], banner=f"GraphiQL: {url}/graphql  ")
     if args.command == "gateway":
+        from gateway.workers import Worker
+
+        count = args.workers or settings.workers
+        if count > 1 and Worker.current() is None:  # the supervisor (bookvault/workers.py); its workers go on below
+            from bookvault.workers import supervise as supervise_workers
+
+            return supervise_workers(settings, count)
         from bookvault.app import create_app
         from gateway.logs import configure
         from gateway.serve import serve

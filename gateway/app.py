@@ -27,6 +27,7 @@ from .cache import CachePolicy, EntityCache, MemoryLevel, RedisLevel
 from .config import Settings
 from .consistency import Consistency
 from .cors import cors_middleware
+from .events import StreamFollower
 from .feed import FeedFollower
 from .graphiql import ASSET_PREFIX, serve_asset
 from .health import MEMORY_CACHE, ReadinessProbe, instance_headers, readyz, watch_loop
@@ -45,6 +46,7 @@ from .state import GatewayState, gateway_state
 from .telemetry import Telemetry, TelemetryMiddleware, annotate, tracer_provider_from_env
 from .upstream import Upstream
 from .view import GraphQLView
+from .workers import worker_headers
 
 __all__ = ["Api", "create_app", "executable_schema"]
 
@@ -92,7 +94,8 @@ async def sdl(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     # The header lets `bookvault demo` tell this gateway's answer from another's (gateway/health.py).
-    return JSONResponse({"status": "ok"}, headers=instance_headers())
+    # Under `--workers N`, also which worker answered (gateway/workers.py).
+    return JSONResponse({"status": "ok"}, headers=instance_headers() | worker_headers())
 
 
 async def home(request: Request) -> Response:
@@ -110,7 +113,10 @@ def policies(settings: Settings, bindings: Iterable[Binding]) -> dict[str, Cache
                                       max_stale=binding.policy.max_stale if stale is None else stale)
     return out
 async def metrics(request: Request) -> Response:
-    return Response(gateway_state(request).telemetry.metrics.exposition(), media_type=CONTENT_TYPE)
+    own = gateway_state(request).telemetry.metrics.exposition()
+    # One of `--workers N`: every worker's series, whichever worker the scrape reached (gateway/workers.py).
+    worker = getattr(request.app.state, "worker", None)
+    return Response(own if worker is None else await worker.exposition(own), media_type=CONTENT_TYPE)
 
 
 def _telemetry(scope: Scope) -> Telemetry:
@@ -186,8 +192,11 @@ def create_app(
         feeds = None
         if settings.follow_feeds:
             keep = {entity: p.ttl + p.max_stale for entity, p in cache_policies.items()}
+            # With a broker, from its stream (gateway/events.py): no /events long-poll per instance.
             feeds = FeedFollower(upstream, cache, owned, keep, wait=settings.feed_wait, feed_keys=feed_keys,
-                                 derived=derived, listeners=[live])
+                                 derived=derived, listeners=[live]) if not settings.events_url else \
+                StreamFollower(settings.events_url, upstream, cache, owned, keep, wait=settings.feed_wait,
+                               feed_keys=feed_keys, derived=derived, listeners=[live])
             feeds.start()
         # Floor raises other instances publish reach this one's L1 without waiting for its follower.
         listening = asyncio.create_task(cache.listen(), name="floor-channel") if redis and settings.floor_channel else None

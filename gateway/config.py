@@ -15,6 +15,13 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_PORTS = {"customers": 8101, "catalog": 8102, "inventory": 8103, "orders": 8104, "payments": 8105, "shipping": 8106}
 
 
+def _events_url(raw: str | None) -> str | None:
+    """A NATS server's URL (README, "The versioned cache"), or None."""
+    if raw is not None and not raw.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise ValueError(f"BOOKVAULT_EVENTS_URL must be a NATS URL (nats://host:4222), got {raw!r}")
+    return raw
+
+
 def _float(env: Mapping[str, str], key: str, default: float, *, zero_ok: bool = False) -> float:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -174,6 +181,9 @@ class Settings:
     rate_limit: RateLimit = field(default_factory=RateLimit)
     feed_wait: float = 10.0
     follow_feeds: bool = True
+    # nats://...: change events from the services' relays through NATS JetStream, instead of
+    # long-polling each service's /events (gateway/events.py; issue 27).
+    events_url: str | None = None
     learn_limits: bool = True  # read each service's maxBatch from GET /_meta
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call with credentials (gateway/cors.py)
@@ -213,6 +223,8 @@ class Settings:
     live_caller_in_flight: int = 256
     live_ping_rate: float = 2.0
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # gateway/connections.py
+    # Gateway processes sharing the port (`bookvault gateway --workers N`; gateway/workers.py).
+    workers: int = 1
 
     def token_secret(self) -> str:
         if self.consistency_secret:
@@ -250,6 +262,7 @@ class Settings:
             rate_limit=RateLimit.from_env(env),
             feed_wait=_float(env, "BOOKVAULT_FEED_WAIT_S", 10),
             follow_feeds=env.get("BOOKVAULT_FOLLOW_FEEDS", "1") not in ("0", "false", "no"),
+            events_url=_events_url(env.get("BOOKVAULT_EVENTS_URL") or None),
             resilience=ResilienceConfig.from_env(env),
             cors_origins=parse_origins(env.get("BOOKVAULT_CORS_ORIGINS")),
             max_request_bytes=_int(env, "BOOKVAULT_MAX_BODY_BYTES", cls.max_request_bytes),
@@ -279,7 +292,21 @@ class Settings:
             live_caller_in_flight=_int(env, "BOOKVAULT_LIVE_CALLER_IN_FLIGHT", cls.live_caller_in_flight),
             live_ping_rate=_float(env, "BOOKVAULT_LIVE_PING_RATE", cls.live_ping_rate),
             connections=ConnectionLimits.from_env(env),
+            workers=parse_workers(env.get("BOOKVAULT_WORKERS")),
         )
+
+
+def parse_workers(raw: str | None) -> int:
+    """BOOKVAULT_WORKERS or `--workers`: a whole number from 1, or `auto`: the cores this
+    process may run on (its CPU affinity, which a container's cpuset narrows; not os.cpu_count())."""
+    text = (raw or "").strip().lower()
+    if not text:
+        return 1
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"BOOKVAULT_WORKERS must be a whole number from 1 or `auto`, got {raw!r}")
+    return int(text)
 
 
 def _cache_overrides(env: Mapping[str, str]) -> dict[str, tuple[float | None, float | None]]:

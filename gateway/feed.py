@@ -126,6 +126,8 @@ class FeedFollower:
             await self._advanced.wait_for(lambda: self.cursors.get(service, -1) >= seq)
 
     async def _read(self, service: str, after: int, wait: float) -> tuple[list[dict[str, Any]], int, int]:
+        """The events after `after` (waiting up to `wait` for a first one), the seq to read on
+        from, and the head; UpstreamError: the feed cannot be read now."""
         page = await self.upstream.poll(service, f"/events?after={after}&limit=500&wait={wait:g}", timeout=wait + 5)
         try:
             return list(page["events"]), int(page["next"]), int(page["latest"])
@@ -192,8 +194,13 @@ class FeedFollower:
                     out.append((derived, key, floor, keep))
         return out
 
-    async def _start_cursor(self, service: str) -> int:
+    async def _head(self, service: str) -> int:
+        """The seq of the service's last event (gateway/events.py reads it from the broker)."""
         _, _, latest = await self._read(service, 0, 0)
+        return latest
+
+    async def _start_cursor(self, service: str) -> int:
+        latest = await self._head(service)
         saved = None
         if self.cache.redis is not None:
             try:

@@ -12,7 +12,11 @@ uvicorn's httptools protocol (the `http=` protocol class is uvicorn's extension 
 it overrides are the parser's callbacks and uvicorn's own `on_response_complete` and
 `handle_websocket_upgrade`), keeps the head and body timers, the head's size and the
 connection's place in the counts. Issue 22 would rather not subclass uvicorn's internals:
-nothing public sees a request's head arrive, so this is the least of it."""
+nothing public sees a request's head arrive, so this is the least of it.
+
+Under `bookvault gateway --workers N` (gateway/workers.py), each worker serves the
+supervisor's listening socket, inherited, rather than binding one, and answers its own
+series to its peers for /metrics."""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from .connections import (
     refusal_body,
 )
 from .metrics import ConnectionCollector
+from .workers import Worker
 
 __all__ = ["CoalescingHttp", "GuardedHttp", "serve", "server"]
 
@@ -302,9 +307,11 @@ class GuardedHttp(CoalescingHttp):
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: Starlette, guard: Connections | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, app: Starlette, guard: Connections | None = None,
+                 worker: Worker | None = None) -> None:
         super().__init__(config)
         self.app = app
+        self.worker = worker
         self.collector = ConnectionCollector(guard) if guard is not None else None
         self.registry: Any = None
 
@@ -315,30 +322,41 @@ class _Server(uvicorn.Server):
         if state is not None and self.collector is not None and self.registry is None:
             self.registry = state.telemetry.metrics.registry
             self.registry.register(self.collector)
+        if state is not None and self.worker is not None and self.worker.server is None:
+            await self.worker.start(state.telemetry.metrics.exposition)
 
     async def shutdown(self, sockets: Any = None) -> None:
         state = getattr(self.app.state, "gateway", None)
         if state is not None and state.live is not None:
             await state.live.close()
         await super().shutdown(sockets)
+        if self.worker is not None:
+            await self.worker.stop()
         if self.registry is not None:
             self.registry.unregister(self.collector)
             self.registry = None
 
 
-def server(app: Starlette, settings: Settings, asgi: Any = None, **options: Any) -> uvicorn.Server:
+def server(app: Starlette, settings: Settings, asgi: Any = None, worker: Worker | None = None,
+           **options: Any) -> uvicorn.Server:
     """A uvicorn server of `app` (or of `asgi`, `app` wrapped in middleware) within the
-    connection bounds of `settings`; `options` are uvicorn.Config's."""
+    connection bounds of `settings`; `options` are uvicorn.Config's. As one of a
+    supervisor's workers when `worker` is given (run it with `sockets=[worker.listener()]`)."""
     guard = Connections(settings.connections, reserved=sum(s.max_connections for s in settings.services.values()))
     config = uvicorn.Config(
         StreamLimit(asgi or app, guard),
         http=functools.partial(GuardedHttp, guard=guard),  # type: ignore[arg-type]  # a protocol factory
         timeout_keep_alive=settings.connections.keepalive,  # type: ignore[arg-type]  # seconds, to call_later
         **options)
-    return _Server(config, app, guard)
+    if worker is not None:
+        app.state.worker = worker  # /metrics reads every worker's series through it (gateway/app.py)
+    return _Server(config, app, guard, worker)
 
 
 def serve(app: Starlette, asgi: Any = None, *, settings: Settings | None = None, **options: Any) -> None:
     """`uvicorn.run(app, **options)` within the connection bounds, subscribers told first on
-    a stop; `asgi` is served instead of `app` when given (`app` wrapped in middleware)."""
-    server(app, settings or Settings.from_env(), asgi, **options).run()
+    a stop; `asgi` is served instead of `app` when given (`app` wrapped in middleware). In a
+    process the supervisor started (`Worker.current()`), on its inherited socket."""
+    worker = Worker.current()
+    sockets = [worker.listener()] if worker is not None else None
+    server(app, settings or Settings.from_env(), asgi, worker, **options).run(sockets=sockets)

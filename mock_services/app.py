@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .errors import BadRequest, StartupError, exception_handlers
 from .models import EventPage, Meta
 from .params import parse_int
 from .position import FeedPosition
+from .relay import EVENTS_ENV, relaying
 from .responses import JSONResponse
 from .runner import instance_headers
 from .telemetry import ServerSpans, trace_queries, tracer_provider_from_env
@@ -180,10 +182,14 @@ def create_app(
     max_batch: int = 100,
     tracer_provider: TracerProvider | None = None,
     options: Mapping[str, Any] | None = None,
+    events_url: str | None = None,
 ) -> Starlette:
     """`tracer_provider` replaces the one made from the OTEL_* variables (tests record spans);
-    `options` are a service's own settings (see its module), over its BOOKVAULT_* variables."""
+    `options` are a service's own settings (see its module), over its BOOKVAULT_* variables;
+    `events_url` (default: BOOKVAULT_EVENTS_URL) a NATS server its outbox relay publishes to
+    (mock_services/relay.py)."""
     url = database or database_url(spec.name, data_dir)
+    events_url = events_url if events_url is not None else os.environ.get(EVENTS_ENV) or None
     api = Api(spec.name)
     spec.routes(api)
     _shared_routes(api, spec)
@@ -206,7 +212,9 @@ def create_app(
                 trace_queries(engine, tracer, spec.name)
         app.state.ctx = Context(spec.name, db, max_batch, dict(options or {}))
         try:
-            async with spec.background(app) if spec.background else contextlib.nullcontext():
+            async with spec.background(app) if spec.background else contextlib.nullcontext(), \
+                    relaying(spec.name, db, events_url) as relay:
+                app.state.relay = relay
                 yield
         finally:
             await db.dispose()
