@@ -20,10 +20,8 @@ same wrapper as the services' supervisor, mock_services/runner.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from dataclasses import dataclass
 
 from gateway.config import Settings
 from gateway.workers import COUNT_ENV, DIR_ENV, FD_ENV, INDEX_ENV
-from mock_services.runner import _DIE_WITH_PARENT, _Signals
+from mock_services.runner import _DIE_WITH_PARENT, _Signals, stop_processes
 
 __all__ = ["supervise"]
 
@@ -126,15 +124,4 @@ def supervise(settings: Settings, count: int) -> int:
 def _stop(slots: list[_Slot], timeout: float) -> None:
     """SIGTERM every worker (each drains, gateway/serve.py), then SIGKILL what outlives
     `timeout` with its process group (its document worker)."""
-    running = [s.process for s in slots if s.process is not None and s.process.poll() is None]
-    for process in running:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for process in running:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_processes([s.process for s in slots if s.process is not None], timeout, group=False)

@@ -30,7 +30,7 @@ from typing import Self
 import httpx
 from sqlalchemy.engine import make_url
 
-__all__ = ["INSTANCE_ENV", "INSTANCE_HEADER", "Child", "instance_headers", "service_children", "supervise"]
+__all__ = ["INSTANCE_ENV", "INSTANCE_HEADER", "Child", "instance_headers", "service_children", "stop_processes", "supervise"]
 
 # A child started by `supervise` gets a random nonce in INSTANCE_ENV and echoes it in
 # INSTANCE_HEADER on /healthz: readiness is an answer from *this* child, not from whatever
@@ -252,15 +252,24 @@ def _stop_all(children: list[Child], timeout: float = 5.0) -> None:
     """SIGTERM each tier, highest first, and wait for it before the next; SIGKILL what
     outlives `timeout`."""
     for tier in sorted({c.tier for c in children}, reverse=True):
-        running = [c.process for c in children if c.tier == tier and c.process and c.process.poll() is None]
-        for process in running:
-            with contextlib.suppress(ProcessLookupError):  # it may exit between poll() and here
+        stop_processes([c.process for c in children if c.tier == tier and c.process], timeout, group=True)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float, *, group: bool) -> None:
+    """SIGTERM each running process (its whole group with `group`), wait for them together,
+    then SIGKILL the group of any that outlives `timeout`."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):  # it may exit between poll() and here
+            if group:
                 os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in running:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            else:
+                process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
